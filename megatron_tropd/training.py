@@ -1,0 +1,175 @@
+"""The student: Megatron model + DDP + optimizer + LR schedule, and one distillation training step.
+
+The step runs Megatron's pipeline schedule over the rollout microbatches. On the last stage each
+microbatch's loss comes from the vocab-parallel ops (student log-probs at the sampled token and at the
+teacher's top-k ids, gradient written back into the logits' own storage) and the configured method;
+``loss_func`` returns ``(loss_sum, num_tokens, metrics)`` with ``calculate_per_token_loss=True``, so
+``finalize_model_grads`` divides the summed gradients by the global number of loss-bearing tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from megatron_tropd.batch import RolloutBatch
+from megatron_tropd.config import MethodConfig, OptimConfig
+from megatron_tropd.losses import (
+    MethodContext,
+    TokenSignals,
+    loss_sum_and_metrics,
+    method_context,
+    reduce_metrics,
+)
+from megatron_tropd.models import ModelConfig, build_gpt_model
+from megatron_tropd.ops import vocab_parallel_token_stats
+from megatron_tropd.pipeline import run_microbatches
+from megatron_tropd.topology import ModelGroups
+
+
+@dataclass
+class Student:
+    """Everything that trains, on the student's layout."""
+
+    model: torch.nn.Module  # megatron DistributedDataParallel around the GPTModel stage
+    optimizer: object  # MegatronOptimizer
+    scheduler: object  # OptimizerParamScheduler
+    groups: ModelGroups
+    model_config: ModelConfig
+    optim_config: OptimConfig
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The unwrapped GPTModel stage."""
+        return self.model.module
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]  # token-averaged, reduced over microbatches and DP (last stage only)
+    grad_norm: float
+    learning_rate: float
+    update_successful: bool
+
+
+def _optimizer(model, optim: OptimConfig, params_dtype: torch.dtype):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad, bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+    )  # fmt: skip
+    return get_megatron_optimizer(config, [model])
+
+
+def _scheduler(optimizer, optim: OptimConfig, total_steps: int):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_style = {"constant": "constant", "cosine": "cosine", "linear": "linear"}[optim.lr_schedule]
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps, lr_decay_steps=max(total_steps, optim.warmup_steps + 1),
+        lr_decay_style=decay_style, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
+        wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+    )  # fmt: skip
+
+
+def build_student(
+    model_config: ModelConfig, optim: OptimConfig, groups: ModelGroups, total_steps: int, seed: int
+) -> Student:
+    """Build the student stage of this rank, wrap it in DDP and give it an optimizer and schedule."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    optim.validate()
+    module = build_gpt_model(
+        model_config, groups.pg_collection, pre_process=groups.is_first_stage,
+        post_process=groups.is_last_stage, tensor_parallel_size=groups.layout.tensor_parallel,
+        pipeline_parallel_size=groups.layout.pipeline_parallel, seed=seed,
+    )  # fmt: skip
+    module.config.calculate_per_token_loss = True  # global token normalisation (see module docstring)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=optim.use_distributed_optimizer
+    )
+    model = DistributedDataParallel(module.config, ddp_config, module)
+    module.config.finalize_model_grads_func = finalize_model_grads
+    module.config.no_sync_func = model.no_sync
+    params_dtype = next(module.parameters()).dtype
+    optimizer = _optimizer(model, optim, params_dtype)
+    return Student(model, optimizer, _scheduler(optimizer, optim, total_steps), groups, model_config, optim)
+
+
+def student_signals(logits: torch.Tensor, batch: RolloutBatch, tp_group, vocab_size: int) -> TokenSignals:
+    """``TokenSignals`` of one microbatch from the student's TP-sharded logits ``[b, S, V/TP]``."""
+    topk = batch.topk_ids.shape[-1]
+    ids = torch.cat([batch.labels.unsqueeze(-1), batch.topk_ids], dim=-1)  # [b, S, 1 + k]
+    log_probs, _ = vocab_parallel_token_stats(
+        logits, ids, tp_group, vocab_size, with_entropy=False, inplace_backward=True
+    )
+    entropy_teacher = batch.entropy_teacher.reshape(-1) if batch.entropy_teacher is not None else None
+    return TokenSignals(
+        lp_student=log_probs[..., 0].reshape(-1),
+        lp_student_old=batch.lp_student_old.reshape(-1),
+        lp_teacher=batch.lp_teacher.reshape(-1),
+        lp_student_topk=log_probs[..., 1:].reshape(-1, topk),
+        lp_teacher_topk=batch.topk_logprobs.reshape(-1, topk),
+        entropy_student_old=batch.entropy_student_old.reshape(-1),
+        trust_mask=batch.trust_mask.reshape(-1),
+        is_teacher_prefix=batch.is_teacher_prefix.reshape(-1),
+        loss_mask=batch.loss_mask.reshape(-1),
+        entropy_teacher=entropy_teacher,
+    )
+
+
+def _loss_func(logits, batch, tp_group, vocab_size, method, context):
+    signals = student_signals(logits, batch, tp_group, vocab_size)
+    return loss_sum_and_metrics(signals, method, context)
+
+
+def _forward_step(data_iterator, model, *, tp_group, vocab_size, method, context):
+    batch = next(data_iterator)
+    output = model(batch.tokens, batch.position_ids, None)
+    loss_func = partial(
+        _loss_func, batch=batch, tp_group=tp_group, vocab_size=vocab_size, method=method, context=context
+    )
+    return output, loss_func
+
+
+def train_step(
+    student: Student, batch: RolloutBatch, method: MethodConfig, context: MethodContext
+) -> StepResult:
+    """One optimizer update on this rank's rows of a scored rollout batch."""
+    micro_batch_size = student.optim_config.micro_batch_size
+    student.model.zero_grad_buffer()
+    student.optimizer.zero_grad()
+    forward_step = partial(
+        _forward_step, tp_group=student.groups.tp_group, vocab_size=student.model_config.vocab_size,
+        method=method, context=context,
+    )  # fmt: skip
+    per_microbatch = run_microbatches(
+        student.model, student.groups, forward_step, batch.split(micro_batch_size),
+        seq_length=batch.seq_length, micro_batch_size=micro_batch_size, forward_only=False,
+    )  # fmt: skip
+    update_successful, grad_norm, _ = student.optimizer.step()
+    if update_successful:
+        student.scheduler.step(increment=1)
+    metrics = reduce_metrics(per_microbatch, student.groups.dp_group) if student.groups.is_last_stage else {}
+    learning_rate = student.optimizer.param_groups[0]["lr"]
+    return StepResult(metrics, float(grad_norm or 0.0), learning_rate, bool(update_successful))
+
+
+def batch_context(
+    method: MethodConfig, batch: RolloutBatch, step: int, total_steps: int, groups: ModelGroups
+) -> MethodContext:
+    """The rollout batch's ``MethodContext`` (entropy cut-offs over the global batch); last stage only
+    computes anything, the other stages never evaluate the loss."""
+    if not groups.is_last_stage:
+        return MethodContext(step=step, total_steps=total_steps)
+    student_tokens = batch.loss_mask & ~batch.is_teacher_prefix
+    return method_context(
+        method, batch.entropy_student_old, student_tokens, step, total_steps, groups.dp_group
+    )

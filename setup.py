@@ -1,0 +1,41 @@
+"""Packaging for megatron_tropd. Tool settings live in pyproject.toml; CPU pins in constraints-cpu.txt."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+# Read the version without importing the package (that would import torch).
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"', (HERE / "megatron_tropd" / "__init__.py").read_text(encoding="utf-8"), re.M
+).group(1)
+
+setup(
+    name="megatron-tropd",
+    version=VERSION,
+    description="Trust-Region On-Policy Distillation (TrOPD) and its baselines on Megatron-Core",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_tropd", "megatron_tropd.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        # 0.16.1 is the newest release for Python 3.11; the code also runs on the 0.17-0.19 of GPU containers.
+        "megatron-core>=0.16.1,<0.20",
+        "numpy",
+        "psutil",  # dist-checkpointing's writer processes need it (megatron-core does not declare it)
+        "tqdm",  # megatron's inference engines need it (undeclared as well)
+        "sentencepiece",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "ruff"],
+        # nemo-run 0.11.1 does not import with leptonai>=0.47 (no leptonai.api.v1).
+        "launch": ["nemo-run==0.11.1", "leptonai<0.47"],
+        # transformer-engine and NVIDIA apex are not pip-installable here (apex is not on PyPI; the TE
+        # metapackage breaks `import megatron.core` without a CUDA build): take both from the NVIDIA
+        # PyTorch / NeMo container. The extra exists so `.[gpu]` keeps working as GPU-only pins appear.
+        "gpu": [],
+    },
+    entry_points={"console_scripts": ["tropd = megatron_tropd.cli:main"]},
+)
