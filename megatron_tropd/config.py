@@ -4,16 +4,18 @@ Every default below comes from ``docs/method.md`` (the paper's settings, or the 
 where the paper is silent). ``validate()`` raises ``ValueError`` naming the field, the bad value and what
 is allowed, so a wrong recipe or command-line override fails before any process group starts.
 
-Sections still to come from other issues: model, parallel, rollout, optim, data, eval, run (and a
-top-level ``RunConfig`` holding them all). This module imports nothing from the package: everything else
-depends on it, never the reverse.
+``RunConfig`` holds one of each section plus the two models' shapes (``model_config.ModelConfig``); recipes
+return one, and ``validate(world_size)`` checks the sections together. Nothing here imports torch or
+Megatron: a configuration is built and checked before any process group starts.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from megatron_tropd.model_config import ModelConfig, tiny
 
 # Loss methods selectable by ``MethodConfig.name``; ``losses.METHOD_REGISTRY`` implements exactly these.
 # "reopold" is an alias of "clip_outlier": the paper's REOPOLD rows reproduce Clip Outlier exactly.
@@ -149,8 +151,8 @@ class MethodConfig:
         _check_range("method.guidance_beta", self.guidance_beta, 0.0, math.inf, "[)", "prefix NLL weight")
         _check_range("method.jsd_beta", self.jsd_beta, 0.0, 1.0, "()", "JSD mixture weight, 0.5 default")
         _check_range("method.outlier_lambda", self.outlier_lambda, 0.0, 1.0, "()", "tau = log(l / (1 - l))")
-        for field in ("entropy_top_fraction", "reopold_entropy_top_fraction"):
-            _check_range(f"method.{field}", getattr(self, field), 0.0, 1.0, "(]", "fraction of tokens kept")
+        for name in ("entropy_top_fraction", "reopold_entropy_top_fraction"):
+            _check_range(f"method.{name}", getattr(self, name), 0.0, 1.0, "(]", "fraction of tokens kept")
         _check_range(
             "method.reopold_switch_fraction", self.reopold_switch_fraction, 0.0, 1.0, "[]", "of total steps"
         )
@@ -224,3 +226,276 @@ class OptimConfig:
         _check_range("optim.clip_grad", self.clip_grad, 0.0, math.inf, "[)", "0 disables clipping")
         _check_int("optim.micro_batch_size", self.micro_batch_size, 1, "sequences per microbatch")
         _check_int("optim.updates_per_batch", self.updates_per_batch, 1, "updates per rollout batch")
+
+
+@dataclass
+class ParallelConfig:
+    """Each model's tensor x pipeline layout; data parallelism takes the rest of the world."""
+
+    student_tensor_parallel: int = 1
+    """Student TP size (must divide its attention heads and KV groups)."""
+
+    student_pipeline_parallel: int = 1
+    """Student pipeline stages."""
+
+    teacher_tensor_parallel: int = 1
+    """Teacher TP size; may differ from the student's."""
+
+    teacher_pipeline_parallel: int = 1
+    """Teacher pipeline stages."""
+
+    def validate(self) -> None:
+        for name in ("student_tensor_parallel", "student_pipeline_parallel"):
+            _check_int(f"parallel.{name}", getattr(self, name), 1, "a model-parallel size")
+        for name in ("teacher_tensor_parallel", "teacher_pipeline_parallel"):
+            _check_int(f"parallel.{name}", getattr(self, name), 1, "a model-parallel size")
+
+    def check_world_size(self, world_size: int) -> None:
+        """Both layouts must tile the job; the error lists the sizes that would."""
+        for who in ("student", "teacher"):
+            model_parallel = getattr(self, f"{who}_tensor_parallel") * getattr(
+                self, f"{who}_pipeline_parallel"
+            )
+            if world_size % model_parallel:
+                fitting = [n for n in range(1, world_size + 1) if world_size % n == 0]
+                raise ValueError(
+                    f"parallel: the {who}'s TP x PP = {model_parallel} does not divide the world size "
+                    f"{world_size}; choose TP x PP in {fitting} or launch a multiple of "
+                    f"{model_parallel} ranks"
+                )
+
+
+GUIDANCE_SCHEDULES = ("cosine", "linear", "constant")
+OVERLONG_PROMPT_POLICIES = ("skip", "fail")
+
+
+@dataclass
+class RolloutConfig:
+    """Generation of the student's rollouts and the teacher's guidance prefixes (method.md defaults)."""
+
+    prompts_per_step: int = 128
+    """Prompts sampled per training step (global)."""
+
+    samples_per_prompt: int = 4
+    """Rollouts generated per prompt."""
+
+    max_prompt_length: int = 1024
+    """Prompts longer than this are skipped or refused (``data.on_overlong_prompt``)."""
+
+    max_new_tokens: int = 8096
+    """Generation budget per rollout (the paper's maximum generation length)."""
+
+    temperature: float = 1.0
+    """Sampling temperature of the student's rollouts."""
+
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+
+    guidance: bool = True
+    """Off-policy guidance: part of the rollouts continue a teacher-written prefix."""
+
+    guided_fraction: float = 0.5
+    """Share of each prompt's rollouts that get a teacher prefix."""
+
+    guidance_schedule: str = "cosine"
+    """How the maximum prefix length anneals from ``max_new_tokens`` to 0 over training."""
+
+    teacher_temperature: float = 1.0
+    """Sampling temperature of the teacher's guidance responses."""
+
+    seed: int = 0
+    """Seed of the sampling and of the prefix-length draws."""
+
+    def validate(self) -> None:
+        for name in ("prompts_per_step", "samples_per_prompt", "max_prompt_length", "max_new_tokens"):
+            _check_int(f"rollout.{name}", getattr(self, name), 1, "a positive count")
+        _check_range("rollout.temperature", self.temperature, 0.0, math.inf, "[)", "0 = greedy")
+        _check_range(
+            "rollout.teacher_temperature", self.teacher_temperature, 0.0, math.inf, "[)", "0 = greedy"
+        )
+        _check_range("rollout.top_p", self.top_p, 0.0, 1.0, "(]", "nucleus mass")
+        _check_int("rollout.top_k", self.top_k, 0, "0 disables top-k sampling")
+        _check_range("rollout.guided_fraction", self.guided_fraction, 0.0, 1.0, "[]", "share of rollouts")
+        _check_choice("rollout.guidance_schedule", self.guidance_schedule, GUIDANCE_SCHEDULES)
+
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+
+@dataclass
+class DataConfig:
+    """Prompt data and tokenizer."""
+
+    train_prompts: str = ""
+    """JSONL or parquet prompt file (see ``megatron_tropd.data`` for the schema)."""
+
+    eval_prompts: str = ""
+    """Held-out prompts with reference answers, for in-training evaluation (optional)."""
+
+    tokenizer: str = ""
+    """A Hugging Face tokenizer directory or a sentencepiece ``.model`` file."""
+
+    chat_template: str = "auto"
+    """"auto" (the tokenizer's own), "none" (raw prompt text), or a Jinja template string."""
+
+    on_overlong_prompt: str = "skip"
+    """"skip" (drop and count) or "fail" for prompts longer than ``rollout.max_prompt_length``."""
+
+    shuffle_seed: int = 0
+    """Seed of the deterministic epoch shuffles."""
+
+    def validate(self) -> None:
+        _check_choice("data.on_overlong_prompt", self.on_overlong_prompt, OVERLONG_PROMPT_POLICIES)
+        _check_int("data.shuffle_seed", self.shuffle_seed, 0, "seed")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where runs save and resume, and where the models come from."""
+
+    save_dir: str = "runs/tropd"
+    """Checkpoints, logs and reports of the run (shared storage on a cluster)."""
+
+    save_interval: int = 50
+    """Save every this many steps (and at the end)."""
+
+    keep_last: int = 3
+    """Step checkpoints kept; older ones are deleted once a newer one is complete."""
+
+    student_init: str = ""
+    """Megatron checkpoint of the initial student (from ``tools/convert.py import``); empty = random init."""
+
+    teacher: str = ""
+    """Megatron checkpoint of the teacher, loaded read-only; empty = random init (tests only)."""
+
+    resume: bool = True
+    """Continue from ``save_dir/latest`` when it exists."""
+
+    def validate(self) -> None:
+        _check_int("checkpoint.save_interval", self.save_interval, 1, "steps between saves")
+        _check_int("checkpoint.keep_last", self.keep_last, 1, "checkpoints kept")
+
+
+@dataclass
+class EvalConfig:
+    """In-training evaluation."""
+
+    interval: int = 0
+    """Evaluate every this many steps (0 = never)."""
+
+    samples_per_prompt: int = 4
+    """k of avg@k."""
+
+    temperature: float = 0.6
+    """Sampling temperature for evaluation."""
+
+    max_new_tokens: int = 8096
+    """Generation budget per evaluation sample."""
+
+    max_prompts: int = 0
+    """Evaluate on at most this many held-out prompts (0 = all)."""
+
+    def validate(self) -> None:
+        _check_int("eval.interval", self.interval, 0, "0 disables evaluation")
+        _check_int("eval.samples_per_prompt", self.samples_per_prompt, 1, "k of avg@k")
+        _check_range("eval.temperature", self.temperature, 0.0, math.inf, "[)", "0 = greedy")
+        _check_int("eval.max_new_tokens", self.max_new_tokens, 1, "generation budget")
+        _check_int("eval.max_prompts", self.max_prompts, 0, "0 = all")
+
+
+@dataclass
+class LoggingConfig:
+    """Where step metrics go."""
+
+    log_interval: int = 1
+    """Log every this many steps."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files under ``save_dir/tensorboard`` (when tensorboard is installed)."""
+
+    wandb_project: str = ""
+    """Weights & Biases project (empty = off)."""
+
+    def validate(self) -> None:
+        _check_int("logging.log_interval", self.log_interval, 1, "steps between log lines")
+
+
+@dataclass
+class RunConfig:
+    """One distillation run: built by a recipe, overridden from the command line, validated up front."""
+
+    name: str = "tropd"
+    """Run name (log and report titles)."""
+
+    student: ModelConfig = field(default_factory=tiny)
+    """The student's shape (trainable)."""
+
+    teacher: ModelConfig = field(default_factory=tiny)
+    """The teacher's shape (frozen); must share the student's tokenizer and true vocabulary."""
+
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    train_steps: int = 200
+    """Training steps (one rollout batch each)."""
+
+    seed: int = 1234
+    """Seed of model initialisation and process RNGs."""
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Check every section and how they fit together (and the job size, when given)."""
+        for section in (self.method, self.optim, self.parallel, self.rollout, self.data):
+            section.validate()
+        for section in (self.checkpoint, self.eval, self.logging):
+            section.validate()
+        _check_int("train_steps", self.train_steps, 1, "training steps")
+        self.student.validate()
+        self.teacher.validate()
+        self._check_vocabularies()
+        self.student.validate_parallel(
+            self.parallel.student_tensor_parallel, self.parallel.student_pipeline_parallel
+        )
+        self.teacher.validate_parallel(
+            self.parallel.teacher_tensor_parallel, self.parallel.teacher_pipeline_parallel
+        )
+        if self.method.topk > self.student.vocab_size:
+            raise ValueError(
+                f"method.topk = {self.method.topk} exceeds the vocabulary ({self.student.vocab_size})"
+            )
+        if world_size is not None:
+            self._check_batch_split(world_size)
+
+    def _check_vocabularies(self) -> None:
+        """Padded sizes may differ (151,936 vs 152,064); the true vocabularies must not."""
+        if self.student.vocab_size != self.teacher.vocab_size:
+            raise ValueError(
+                f"student vocab_size {self.student.vocab_size} != teacher vocab_size "
+                f"{self.teacher.vocab_size}: "
+                "on-policy distillation needs one tokenizer; set both to the tokenizer's true vocabulary "
+                "(padding to a multiple of 128 x TP is added per model)"
+            )
+
+    def _check_batch_split(self, world_size: int) -> None:
+        self.parallel.check_world_size(world_size)
+        rollouts = self.rollout.rollouts_per_step
+        p = self.parallel
+        student_dp = world_size // (p.student_tensor_parallel * p.student_pipeline_parallel)
+        teacher_dp = world_size // (p.teacher_tensor_parallel * p.teacher_pipeline_parallel)
+        for who, dp in (("student", student_dp), ("teacher", teacher_dp)):
+            if rollouts % (dp * self.optim.micro_batch_size):
+                raise ValueError(
+                    f"rollout.prompts_per_step x samples_per_prompt = {rollouts} rollouts do not split over "
+                    f"the {who}'s {dp} data-parallel ranks x optim.micro_batch_size = "
+                    f"{self.optim.micro_batch_size}; make the rollouts a multiple of "
+                    f"{dp * self.optim.micro_batch_size}"
+                )
