@@ -1,0 +1,457 @@
+"""Checkpoints on 2 gloo ranks: exact resume, resume on another layout, teacher loads, pruning, bad input.
+
+Four spawns share one directory (the parent test process edits files between them):
+
+1. ``save_worker`` (student TP1 x DP2, DistributedOptimizer): trains one student 4 steps straight; trains a
+   second, identical student 2 steps and saves it in both DistributedOptimizer formats, the teacher's
+   weights, and a third student with the non-distributed optimizer; runs the pruning, re-save and
+   crashed-save scenarios on side roots.
+2. ``resume_worker`` (new processes, same layout): the bad-input cases, then a resume and 2 more steps.
+3. ``reshard_worker`` (new processes, student TP2 x DP1, teacher layout TP1 x PP2): resumes the
+   ``fully_reshardable`` and the plain-optimizer checkpoints on another TP and DP size, and loads weights
+   read-only into the teacher's layout.
+4. ``dp_only_worker`` (one process): resumes the ``dp_reshardable`` checkpoint at DP1.
+
+Exact resume is bitwise on CPU: the same fp32 reductions run in the same order. On another TP size the
+matmul and all-reduce split changes the summation order, so values agree to fp32 rounding: losses within
+1e-6 absolute and parameters within 1e-6 (measured differences are ~1e-8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_tropd.config import MethodConfig, OptimConfig
+from megatron_tropd.spawn import run_on_ranks
+from tests.distill_setup import STUDENT_SEED, student_config
+
+TOTAL_STEPS, SAVE_STEP = 4, 2
+METHOD = MethodConfig(name="tropd", topk=8)
+OPTIM = OptimConfig(
+    lr=1e-3, lr_schedule="cosine", warmup_steps=1, micro_batch_size=2, use_distributed_optimizer=True
+)
+OPTIM_PLAIN = dataclasses.replace(OPTIM, use_distributed_optimizer=False)  # torch Adam per rank, model space
+LOOP_STATE = {"step": SAVE_STEP, "data_position": 16, "guidance": {"beta": 0.001, "active": True}}
+RESHARD_ATOL = 1e-6
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers (run inside the workers or in the parent)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _shards(module):
+    """This rank's parameters as (global key, global offset, global shape, values): layout-free."""
+    from megatron_tropd.models import sharded_parameters
+
+    return [
+        (p.key, tuple(p.global_offset), tuple(p.global_shape), p.data.detach().clone())
+        for p in sharded_parameters(module)
+    ]
+
+
+def _assemble(per_rank_shards):
+    """Global tensors from every rank's shards; vocabulary tensors cut to the true vocabulary (their
+    padding depends on TP)."""
+    full = {}
+    for shards in per_rank_shards:
+        for key, offset, shape, data in shards:
+            tensor = full.setdefault(key, torch.full(shape, float("nan")))
+            layer_axes = len(offset) - data.dim()
+            window = tuple(slice(o, o + n) for o, n in zip(offset[layer_axes:], data.shape, strict=True))
+            tensor[offset[:layer_axes]][window] = data
+    vocab = student_config().vocab_size
+    return {key: t[:vocab] if key.endswith(VOCAB_KEYS) else t for key, t in full.items()}
+
+
+def _error_of(fn, *args):
+    """``"Type: message"`` of what ``fn(*args)`` raises, or None."""
+    try:
+        fn(*args)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _draws():
+    """One value from each global generator (python, numpy, torch)."""
+    return {"python": random.random(), "numpy": np.random.rand(2).tolist(), "torch": torch.rand(2).tolist()}
+
+
+def _tracker_states():
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return {name: state.clone() for name, state in get_cuda_rng_tracker().get_states().items()}
+
+
+def _tree_digest(path: Path):
+    """Every file under ``path``: content hash and modification time (any write changes one of them)."""
+    return {
+        str(file.relative_to(path)): (hashlib.sha256(file.read_bytes()).hexdigest(), file.stat().st_mtime_ns)
+        for file in sorted(path.rglob("*"))
+        if file.is_file()
+    }
+
+
+def _listing(root: Path):
+    return sorted(os.listdir(root))
+
+
+def _history(topology, student, teacher, steps, first_step=0):
+    from tests.distill_setup import distill_steps
+
+    return distill_steps(topology, student, teacher, METHOD, steps, first_step)
+
+
+def _losses_and_lrs(history):
+    return [(h["metrics"]["loss"], h["lr"]) for h in history]
+
+
+def _simulated_crash(*args):
+    raise RuntimeError("simulated crash after the temporary directory was written")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Workers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _crashed_save(rank, student, root: Path):
+    """Save step 1, crash while publishing step 2, save step 3; what the root looked like at each point."""
+    from megatron_tropd import checkpoint
+
+    checkpoint.save_checkpoint(root, 1, student, {"step": 1})
+    before = (
+        (_tree_digest(root / "step-0000001"), (root / "latest").stat().st_mtime_ns) if rank == 0 else None
+    )
+    publish, checkpoint._publish_step = checkpoint._publish_step, _simulated_crash
+    try:
+        error = _error_of(checkpoint.save_checkpoint, root, 2, student, {"step": 2})
+    finally:
+        checkpoint._publish_step = publish
+    torch.distributed.barrier()
+    after = None
+    if rank == 0:
+        after = (_tree_digest(root / "step-0000001"), (root / "latest").stat().st_mtime_ns)
+        after = {"same": after == before, "latest": (root / "latest").read_text(), "listing": _listing(root)}
+    checkpoint.save_checkpoint(root, 3, student, {"step": 3})
+    return {"error": error, "after_failure": after, "after_next_save": _listing(root)}
+
+
+def _pruning(rank, student, root: Path):
+    """Five saves with keep_last=2; then re-saving an unpublished step and the latest step."""
+    from megatron_tropd import checkpoint
+
+    listings = []
+    for step in range(1, 6):
+        checkpoint.save_checkpoint(root, step, student, {"step": step}, keep_last=2)
+        listings.append(_listing(root))
+    resave_latest = _error_of(checkpoint.save_checkpoint, root, 5, student, {"step": 5}, 2)
+    if rank == 0:  # as if the run had crashed between publishing step-0000005 and pointing `latest` at it
+        (root / "latest").write_text("step-0000004\n")
+    torch.distributed.barrier()
+    checkpoint.save_checkpoint(root, 5, student, {"step": 5, "again": True}, keep_last=2)
+    return {"listings": listings, "resave_latest": resave_latest, "after_resave": _listing(root)}
+
+
+def save_worker(rank, world_size, base):
+    from megatron_tropd import checkpoint
+    from megatron_tropd.training import build_student
+    from tests.distill_setup import setup_models, teacher_config
+
+    base = Path(base)
+    topology, straight, teacher = setup_models((1, 1), (1, 1), OPTIM, TOTAL_STEPS)
+    straight_history = _history(topology, straight, teacher, TOTAL_STEPS)
+    student = build_student(student_config(), OPTIM, topology.student, TOTAL_STEPS, STUDENT_SEED)
+    first_history = _history(topology, student, teacher, SAVE_STEP)
+    random.random(), np.random.rand(3), torch.rand(3)  # move every stream away from its seeded start
+    checkpoint.save_checkpoint(base / "exact", SAVE_STEP, student, LOOP_STATE)
+    tracker_states, draws = _tracker_states(), _draws()
+    checkpoint.save_checkpoint(
+        base / "reshardable", SAVE_STEP, student, LOOP_STATE, optimizer_format="fully_reshardable"
+    )
+    checkpoint.save_model_weights(base / "weights", teacher, teacher_config())
+    plain = build_student(student_config(), OPTIM_PLAIN, topology.student, TOTAL_STEPS, STUDENT_SEED)
+    _history(topology, plain, teacher, SAVE_STEP)
+    checkpoint.save_checkpoint(base / "plain", SAVE_STEP, plain, LOOP_STATE)
+    return {
+        "straight": _losses_and_lrs(straight_history) if topology.student.is_last_stage else None,
+        "straight_shards": _shards(straight.module),
+        "first": _losses_and_lrs(first_history),
+        "saved_shards": _shards(student.module),
+        "teacher_shards": _shards(teacher),
+        "tracker_states": tracker_states,
+        "draws": draws,
+        "pruning": _pruning(rank, student, base / "prune"),
+        "crash": _crashed_save(rank, student, base / "crash"),
+    }
+
+
+def resume_worker(rank, world_size, base, bad_roots):
+    from megatron_tropd import checkpoint
+    from megatron_tropd.models import tiny
+    from megatron_tropd.training import build_student
+    from tests.distill_setup import setup_models
+
+    base = Path(base)
+    topology, student, teacher = setup_models((1, 1), (1, 1), OPTIM, TOTAL_STEPS)
+    fresh = _shards(student.module)
+    errors = {name: _error_of(checkpoint.load_checkpoint, base / name, student) for name in bad_roots}
+    other_shape = tiny("qwen2", hidden_size=32, ffn_hidden_size=64)
+    other = build_student(other_shape, OPTIM, topology.student, TOTAL_STEPS, STUDENT_SEED)
+    errors["other_shape"] = _error_of(checkpoint.load_checkpoint, base / "exact", other)
+    untouched = all(torch.equal(a[3], b[3]) for a, b in zip(fresh, _shards(student.module), strict=True))
+    no_checkpoint = checkpoint.load_checkpoint(base / "never_saved", student)
+    draws_before = _draws()
+    loop_state = checkpoint.load_checkpoint(base / "exact", student)
+    tracker_states, draws = _tracker_states(), _draws()
+    history = _history(topology, student, teacher, TOTAL_STEPS - SAVE_STEP, SAVE_STEP)
+    return {
+        "errors": errors,
+        "untouched_by_errors": untouched,
+        "no_checkpoint": no_checkpoint,
+        "loop_state": loop_state,
+        "draws_before": draws_before,
+        "draws": draws,
+        "tracker_states": tracker_states,
+        "resumed": _losses_and_lrs(history),
+        "shards": _shards(student.module),
+    }
+
+
+def dp_only_worker(rank, world_size, base):
+    """One rank (TP1 x DP1) resumes the dp_reshardable checkpoint saved at TP1 x DP2."""
+    from megatron_tropd import checkpoint
+    from tests.distill_setup import setup_models
+
+    topology, student, teacher = setup_models((1, 1), (1, 1), OPTIM, TOTAL_STEPS)
+    loop_state = checkpoint.load_checkpoint(Path(base) / "exact", student)
+    history = _history(topology, student, teacher, TOTAL_STEPS - SAVE_STEP, SAVE_STEP)
+    return {"loop_state": loop_state, "resumed": _losses_and_lrs(history), "shards": _shards(student.module)}
+
+
+def _build_on_teacher_layout(topology, model_config):
+    from megatron_tropd.models import build_gpt_model
+
+    groups = topology.teacher
+    return build_gpt_model(
+        model_config, groups.pg_collection, pre_process=groups.is_first_stage,
+        post_process=groups.is_last_stage, tensor_parallel_size=groups.layout.tensor_parallel,
+        pipeline_parallel_size=groups.layout.pipeline_parallel, seed=None,
+    )  # fmt: skip
+
+
+def reshard_worker(rank, world_size, base):
+    from megatron_tropd import checkpoint
+    from megatron_tropd.training import build_student
+    from tests.distill_setup import setup_models, teacher_config
+
+    base = Path(base)
+    topology, student, teacher = setup_models((2, 1), (1, 2), OPTIM, TOTAL_STEPS)
+    errors = {"dp_reshardable_other_tp": _error_of(checkpoint.load_checkpoint, base / "exact", student)}
+    loop_state = checkpoint.load_checkpoint(base / "reshardable", student)
+    history = _history(topology, student, teacher, TOTAL_STEPS - SAVE_STEP, SAVE_STEP)
+    errors["optimizer_kind"] = _error_of(checkpoint.load_checkpoint, base / "plain", student)
+    plain = build_student(student_config(), OPTIM_PLAIN, topology.student, TOTAL_STEPS, STUDENT_SEED)
+    checkpoint.load_checkpoint(base / "plain", plain)
+    plain_history = _history(topology, plain, teacher, TOTAL_STEPS - SAVE_STEP, SAVE_STEP)
+
+    student_as_teacher = _build_on_teacher_layout(topology, student_config())
+    checkpoint.load_model_weights(base / "exact", student_as_teacher, student_config())
+    teacher_copy = _build_on_teacher_layout(topology, teacher_config())
+    checkpoint.load_model_weights(base / "weights", teacher_copy)
+    errors["teacher_missing"] = _error_of(checkpoint.load_model_weights, base / "no_teacher", teacher_copy)
+    errors["teacher_config"] = _error_of(
+        checkpoint.load_model_weights, base / "weights", student_as_teacher, student_config()
+    )
+    errors["teacher_shapes"] = _error_of(checkpoint.load_model_weights, base / "weights", student_as_teacher)
+    return {
+        "errors": errors,
+        "loop_state": loop_state,
+        "resumed": _losses_and_lrs(history),
+        "plain_resumed": _losses_and_lrs(plain_history),
+        "shards": _shards(student.module),
+        "student_as_teacher": _shards(student_as_teacher),
+        "teacher_copy": _shards(teacher_copy),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The runs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _make_bad_roots(base: Path) -> list[str]:
+    """Copies of the good root whose ``latest`` names a temp dir, a missing dir, an incomplete dir, or
+    is missing."""
+    step = "step-0000002"
+    cases = {"latest_tmp": "tmp-step-0000004-0a1b2c3d", "latest_missing": "step-0000009"}
+    for name, target in cases.items():
+        shutil.copytree(base / "exact", base / name)
+        (base / name / "latest").write_text(target + "\n")
+    (base / "latest_tmp" / "tmp-step-0000004-0a1b2c3d").mkdir()
+    shutil.copytree(base / "exact", base / "latest_incomplete")
+    (base / "latest_incomplete" / step / "tropd_checkpoint.json").unlink()
+    shutil.copytree(base / "exact", base / "no_marker")
+    (base / "no_marker" / "latest").unlink()
+    return [*cases, "latest_incomplete", "no_marker"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("checkpoints")
+    saved = run_on_ranks(save_worker, 2, str(base))
+    bad_roots = _make_bad_roots(base)
+    read_only = {name: _tree_digest(base / name) for name in ("exact", "reshardable", "weights", "plain")}
+    resumed = run_on_ranks(resume_worker, 2, str(base), bad_roots)
+    resharded = run_on_ranks(reshard_worker, 2, str(base))
+    dp_only = run_on_ranks(dp_only_worker, 1, str(base))
+    unchanged = {name: _tree_digest(base / name) == digest for name, digest in read_only.items()}
+    return {
+        "saved": saved, "resumed": resumed, "resharded": resharded, "dp_only": dp_only, "unchanged": unchanged
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_resume_is_bitwise_exact(runs):
+    """4 steps straight == 2 steps, save, load in new processes, 2 steps: losses, LRs, parameters."""
+    saved, resumed = runs["saved"], runs["resumed"]
+    straight = saved[0]["straight"]
+    assert len({loss for loss, _ in straight}) == TOTAL_STEPS  # the run does move
+    for rank in range(2):
+        assert saved[rank]["first"] == straight[:SAVE_STEP]
+        assert resumed[rank]["resumed"] == straight[SAVE_STEP:]
+        assert resumed[rank]["loop_state"] == LOOP_STATE
+    want = _assemble(r["straight_shards"] for r in saved)
+    got = _assemble(r["shards"] for r in resumed)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert not torch.equal(
+        want["decoder.final_layernorm.weight"], torch.ones_like(want["decoder.final_layernorm.weight"])
+    )
+
+
+def test_rng_states_are_restored_per_rank(runs):
+    for saved, resumed in zip(runs["saved"], runs["resumed"], strict=True):
+        assert resumed["draws"] == saved["draws"]
+        assert resumed["draws_before"] != saved["draws"]  # the fresh process started elsewhere
+        assert resumed["tracker_states"].keys() == saved["tracker_states"].keys()
+        for name, state in saved["tracker_states"].items():
+            assert torch.equal(resumed["tracker_states"][name], state), name
+
+
+def _assert_same_run(resumed, straight):
+    for (loss, lr), (want_loss, want_lr) in zip(resumed, straight[SAVE_STEP:], strict=True):
+        assert loss == pytest.approx(want_loss, abs=RESHARD_ATOL)
+        assert lr == want_lr
+
+
+def test_resume_on_another_tensor_and_data_parallel_size(runs):
+    """Saved at TP1 x DP2, resumed at TP2 x DP1 (DistributedOptimizer fully_reshardable, and the plain
+    optimizer), and at TP1 x DP1 (dp_reshardable): the same run to fp32 rounding."""
+    straight = runs["saved"][0]["straight"]
+    want = _assemble(r["straight_shards"] for r in runs["saved"])
+    for name in ("resharded", "dp_only"):
+        for result in runs[name]:
+            assert result["loop_state"] == LOOP_STATE
+            _assert_same_run(result["resumed"], straight)
+        got = _assemble(r["shards"] for r in runs[name])
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=RESHARD_ATOL, rtol=0, msg=f"{name} {key}")
+    for result in runs["resharded"]:
+        _assert_same_run(result["plain_resumed"], straight)
+
+
+def test_optimizer_state_that_cannot_resume_is_refused(runs):
+    for result in runs["resharded"]:
+        error = result["errors"]["dp_reshardable_other_tp"]
+        assert error.startswith("CheckpointError") and "dp_reshardable" in error
+        assert "TP=1" in error and "TP=2" in error and "optimizer_format='fully_reshardable'" in error
+        error = result["errors"]["optimizer_kind"]
+        assert "non-distributed optimizer" in error and "optim.use_distributed_optimizer=False" in error
+
+
+def test_weights_load_read_only_into_the_teacher_layout(runs):
+    """A student checkpoint and a weights-only teacher checkpoint, both saved at TP1 x DP2, loaded at
+    TP1 x PP2 into uninitialised models: equal to the saved weights, files untouched."""
+    saved = _assemble(r["saved_shards"] for r in runs["saved"])
+    loaded = _assemble(r["student_as_teacher"] for r in runs["resharded"])
+    assert loaded.keys() == saved.keys()
+    for key in saved:
+        assert torch.equal(loaded[key], saved[key]), key
+    teacher = _assemble(r["teacher_shards"] for r in runs["saved"])
+    teacher_loaded = _assemble(r["teacher_copy"] for r in runs["resharded"])
+    assert teacher_loaded.keys() == teacher.keys()
+    for key in teacher:
+        assert torch.equal(teacher_loaded[key], teacher[key]), key
+    assert all(runs["unchanged"].values()), runs["unchanged"]
+
+
+def test_teacher_load_errors_name_the_problem(runs):
+    for result in runs["resharded"]:
+        errors = result["errors"]
+        assert errors["teacher_missing"].startswith("CheckpointError")
+        assert "no_teacher" in errors["teacher_missing"] and "does not exist" in errors["teacher_missing"]
+        for field in ("hidden_size: checkpoint 96, model 64", "num_layers: checkpoint 2, model 4"):
+            assert field in errors["teacher_config"]
+        assert "does not hold this model's weights" in errors["teacher_shapes"]
+        assert "has shape (2," in errors["teacher_shapes"]
+
+
+def test_keep_last_prunes_old_steps_and_resaves_safely(runs):
+    pruning = runs["saved"][0]["pruning"]
+    steps = [[name for name in listing if name.startswith("step-")] for listing in pruning["listings"]]
+    assert steps == [
+        ["step-0000001"],
+        ["step-0000001", "step-0000002"],
+        ["step-0000002", "step-0000003"],
+        ["step-0000003", "step-0000004"],
+        ["step-0000004", "step-0000005"],
+    ]
+    assert all(
+        listing == ["latest", *names] for listing, names in zip(pruning["listings"], steps, strict=True)
+    )
+    assert "is the latest checkpoint" in pruning["resave_latest"]  # never overwritten
+    assert pruning["after_resave"] == ["latest", "step-0000004", "step-0000005"]  # no leftovers
+
+
+def test_failed_save_keeps_latest_and_previous_step(runs):
+    for rank, result in enumerate(r["crash"] for r in runs["saved"]):
+        assert "simulated crash" in result["error"]
+        assert result["after_next_save"] == ["latest", "step-0000001", "step-0000003"]  # tmp dir cleaned up
+        if rank == 0:
+            after = result["after_failure"]
+            assert after["same"] and after["latest"] == "step-0000001\n"
+            tmp = [name for name in after["listing"] if name.startswith("tmp-step-0000002-")]
+            assert after["listing"] == sorted(["latest", "step-0000001", *tmp]) and len(tmp) == 1
+
+
+def test_bad_checkpoints_are_refused_before_loading(runs):
+    for result in runs["resumed"]:
+        errors = result["errors"]
+        assert result["untouched_by_errors"] and result["no_checkpoint"] is None
+        assert "temporary directory of an unfinished save" in errors["latest_tmp"]
+        assert "step-0000009" in errors["latest_missing"] and "does not exist" in errors["latest_missing"]
+        assert "incomplete: no tropd_checkpoint.json" in errors["latest_incomplete"]
+        assert "no 'latest' marker" in errors["no_marker"] and "['step-0000002']" in errors["no_marker"]
+        for name in ("latest_tmp", "latest_missing"):
+            assert errors[name].startswith("CheckpointError")
+            assert "complete: ['step-0000002']" in errors[name] and "start from scratch" in errors[name]
+        other = errors["other_shape"]
+        assert "hidden_size: checkpoint 64, model 32" in other and "ffn_hidden_size: checkpoint 96" in other
