@@ -30,7 +30,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from megatron_tropd.ops import topk_forward_kl, vocab_parallel_token_stats
+from megatron_tropd.ops import topk_forward_kl, vocab_parallel, vocab_parallel_token_stats
 from megatron_tropd.spawn import run_on_ranks
 
 
@@ -100,7 +100,9 @@ def _memory_peak(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def bench_worker(rank, world, variant, num_tokens, vocab_size, k, repeats):
+def bench_worker(rank, world, variant, num_tokens, vocab_size, k, repeats, chunk_mib=None):
+    if chunk_mib is not None:  # the scratch budget of one fp32 vocabulary chunk (see vocab_parallel.py)
+        vocab_parallel.CHUNK_BYTES = dict.fromkeys(vocab_parallel.CHUNK_BYTES, chunk_mib * 1024 * 1024)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     group = dist.new_group(list(range(world))) if world > 1 else None
     torch.manual_seed(rank)
@@ -131,12 +133,21 @@ def run(args) -> dict:
     full_copy = args.tokens * args.vocab * 4
     for tp in args.tp:
         row = {}
-        for variant in ("naive", "chunked"):
-            per_rank = run_on_ranks(bench_worker, tp, variant, args.tokens, args.vocab, args.k, args.repeats)
-            row[variant] = {
+        variants = [("naive", None), ("chunked", None)] + [
+            (f"chunked_{mib}MiB", mib) for mib in args.chunk_mib
+        ]
+        for name, mib in variants:
+            kind = "naive" if name == "naive" else "chunked"
+            per_rank = run_on_ranks(
+                bench_worker, tp, kind, args.tokens, args.vocab, args.k, args.repeats, mib
+            )
+            row[name] = {
                 "seconds": max(r["seconds"] for r in per_rank),
                 "extra_bytes_per_rank": max(r["extra_bytes"] for r in per_rank),
             }
+        for name, _ in variants[2:]:
+            row[name]["time_ratio_vs_naive"] = row[name]["seconds"] / row["naive"]["seconds"]
+            row[name]["memory_ratio_vs_full_fp32_copy"] = row[name]["extra_bytes_per_rank"] / full_copy
         row["memory_ratio_vs_full_fp32_copy"] = row["chunked"]["extra_bytes_per_rank"] / full_copy
         row["memory_ratio_vs_local_fp32_shard"] = row["chunked"]["extra_bytes_per_rank"] / (full_copy / tp)
         row["memory_reduction_vs_naive"] = (
@@ -171,6 +182,12 @@ def _print(results) -> None:
             f"{row['memory_ratio_vs_full_fp32_copy']:9.3f} "
             f"{row['memory_reduction_vs_naive']:12.1f}"
         )
+        for name, values in row.items():
+            if name.startswith("chunked_"):
+                print(
+                    f"    {name}: time x {values['time_ratio_vs_naive']:.2f}, "
+                    f"mem/full {values['memory_ratio_vs_full_fp32_copy']:.3f}"
+                )
 
 
 def main(argv=None) -> None:
@@ -180,6 +197,13 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--chunk-mib",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time these chunk budgets (MiB per fp32 chunk)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/loss.json"))
     args = parser.parse_args(argv)
     results = run(args)

@@ -27,11 +27,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, result_dir: str, fn: Callable, args: tuple) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, result_dir: str, fn: Callable, args: tuple, backend: str
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
     os.environ.update(WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
     path = os.path.join(result_dir, f"rank{rank}.pt")
     try:
         torch.save({"ok": True, "value": fn(rank, world_size, *args)}, path)
@@ -43,16 +47,17 @@ def _worker(rank: int, world_size: int, port: int, result_dir: str, fn: Callable
         shutdown_distributed()
 
 
-def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo") -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo processes.
 
     ``fn`` must be importable (module level). Returns the per-rank return values in rank order; a failure
-    on any rank raises ``RuntimeError`` carrying that rank's traceback.
+    on any rank raises ``RuntimeError`` carrying that rank's traceback. ``backend="nccl"`` (benchmarks on
+    GPUs) binds rank ``r`` to GPU ``r``.
     """
     with tempfile.TemporaryDirectory(prefix="tropd_spawn_") as result_dir:
         context = mp.start_processes(
             _worker,
-            args=(world_size, free_port(), result_dir, fn, args),
+            args=(world_size, free_port(), result_dir, fn, args, backend),
             nprocs=world_size,
             start_method="spawn",
             join=False,

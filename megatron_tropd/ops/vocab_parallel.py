@@ -7,8 +7,8 @@ columns at or beyond it are padding and are excluded everywhere. ``tp_group=None
 not sharded (TP = 1) and no collective runs; otherwise the group is always passed in explicitly.
 
 Memory: the vocabulary is only ever touched one token chunk at a time (``chunk_tokens`` rows, by default
-sized so one fp32 chunk is ``CHUNK_BYTES``), so no full-vocab fp32 copy of the batch is ever made. The
-backward recomputes the softmax chunk by chunk from the saved logits and the per-token log-sum-exp, and
+sized so one fp32 chunk is the device's ``CHUNK_BYTES``), so no full-vocab fp32 copy of the batch is
+ever made. The backward recomputes the softmax chunk by chunk from the saved logits and the per-token log-sum-exp, and
 with ``inplace_backward=True`` writes the gradient into the logits' own storage (as Megatron's
 cross-entropy does), so the whole op needs only chunk-sized scratch memory beyond its input.
 
@@ -21,6 +21,7 @@ of its own columns only.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +29,11 @@ import torch.distributed as dist
 
 from .divergence import agreement_ratio, jsd_topk_teacher_term, topk_forward_kl
 
-# Scratch budget for one fp32 chunk of the vocabulary: 32 MiB keeps the peak extra memory of a
-# 151,936-entry vocabulary under a few percent of one full-batch fp32 logits copy.
-CHUNK_BYTES = 32 * 1024 * 1024
+# Scratch budget of one fp32 vocabulary chunk per device type. On CPU 32 MiB keeps the peak extra memory
+# of a 151,936-entry vocabulary at a few percent of one full-batch fp32 logits copy. On CUDA each chunk is a
+# compiled kernel call with a fixed overhead, so chunks are larger (128 MiB: still ~6% of that copy for
+# 4,096 tokens, and ~0.6x the time of the unchunked computation on an H100).
+CHUNK_BYTES = {"cpu": 32 * 1024 * 1024, "cuda": 128 * 1024 * 1024}
 # Log-probabilities are clamped here: exp() of it is exactly 0 in every float type, and unlike -inf it
 # keeps products such as ``p * log p`` at 0 instead of NaN.
 _LOG_ZERO = -1.0e4
@@ -64,8 +67,9 @@ def vocab_shard(local_size: int, tp_group, vocab_size: int) -> VocabShard:
     return VocabShard(start, local_size, max(0, min(local_size, vocab_size - start)))
 
 
-def _chunks(num_tokens: int, local_size: int, chunk_tokens: int | None):
-    step = chunk_tokens or max(1, CHUNK_BYTES // (4 * max(local_size, 1)))
+def _chunks(num_tokens: int, local_size: int, chunk_tokens: int | None, device: torch.device):
+    budget = CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    step = chunk_tokens or max(1, budget // (4 * max(local_size, 1)))
     for begin in range(0, num_tokens, step):
         yield slice(begin, min(begin + step, num_tokens))
 
@@ -98,6 +102,34 @@ class LogSoftmaxStats:
     entropy: torch.Tensor | None  # full-vocabulary entropy, when asked for
 
 
+def _fused(kernel):
+    """On CUDA, ``torch.compile`` fuses a chunk kernel's element-wise passes into one or two kernels (the
+    chunk loop is launch- and bandwidth-bound otherwise); on CPU the same function runs eagerly.
+    ``TROPD_COMPILE_OPS=0`` turns compilation off."""
+    compiled = None
+
+    def run(tensor: torch.Tensor, *args):
+        nonlocal compiled
+        if not tensor.is_cuda or os.environ.get("TROPD_COMPILE_OPS", "1") == "0":
+            return kernel(tensor, *args)
+        if compiled is None:
+            compiled = torch.compile(kernel, dynamic=True)
+        return compiled(tensor, *args)
+
+    return run
+
+
+@_fused
+def _chunk_stats(z: torch.Tensor, dtype: torch.dtype, with_entropy: bool):
+    """``(m_r, s_r, e_r)`` of one chunk ``[C, V_valid]``. -inf logits are clamped to a finite value whose
+    exp is exactly 0, so that ``0 * log-term`` stays 0 instead of NaN in the entropy moment."""
+    local_max = z.max(-1, keepdim=True).values.to(dtype)
+    shifted = (z.to(dtype) - torch.where(torch.isfinite(local_max), local_max, 0.0)).clamp_min(_LOG_ZERO)
+    weights = shifted.exp()
+    entropy_part = (weights * shifted).sum(-1) if with_entropy else torch.zeros_like(local_max.squeeze(-1))
+    return local_max.squeeze(-1), weights.sum(-1), entropy_part
+
+
 def _local_stats(logits: torch.Tensor, shard: VocabShard, with_entropy: bool, chunk_tokens: int | None):
     """Per rank and token: ``(m_r, s_r[, e_r])`` with ``s_r = sum exp(z - m_r)`` and
     ``e_r = sum exp(z - m_r) * (z - m_r)``, one chunk of tokens at a time. ``[T, 2|3]``."""
@@ -106,17 +138,11 @@ def _local_stats(logits: torch.Tensor, shard: VocabShard, with_entropy: bool, ch
     stats[:, 0] = float("-inf")
     if shard.valid_size == 0:
         return stats
-    for rows in _chunks(logits.shape[0], shard.local_size, chunk_tokens):
-        z = logits[rows, : shard.valid_size]
-        local_max = z.max(-1, keepdim=True).values.to(dtype)
-        # Two chunk-sized buffers in all; -inf logits are clamped to a finite value whose exp is exactly
-        # 0, so that 0 * log-term stays 0 instead of NaN in the entropy moment.
-        shifted = torch.sub(z, torch.where(torch.isfinite(local_max), local_max, 0.0)).clamp_min_(_LOG_ZERO)
-        weights = shifted.exp()
-        stats[rows, 0] = local_max.squeeze(-1)
-        stats[rows, 1] = weights.sum(-1)
+    for rows in _chunks(logits.shape[0], shard.local_size, chunk_tokens, logits.device):
+        local_max, sum_exp, entropy_part = _chunk_stats(logits[rows, : shard.valid_size], dtype, with_entropy)
+        stats[rows, 0], stats[rows, 1] = local_max, sum_exp
         if with_entropy:
-            stats[rows, 2] = weights.mul_(shifted).sum(-1)
+            stats[rows, 2] = entropy_part
     return stats
 
 
@@ -180,20 +206,22 @@ def _gather_logits_at(logits: torch.Tensor, ids: torch.Tensor, shard: VocabShard
     return _all_reduce_sum(picked, tp_group), local_ids, owned
 
 
-def _write_grad_chunk(out, z, lse, entropy, grad_sum, grad_entropy, onehot_index, grad_onehot):
-    """Write d/dz of ``sum_i g_i lp(id_i) + g_H H`` for one chunk of rows into ``out [C, V_valid]``.
+@_fused
+def _chunk_grad(z, lse, entropy, grad_sum, grad_entropy):
+    """d/dz of ``sum_i g_i lp(id_i) + g_H H`` for one chunk ``[C, V_valid]``, without the one-hot part.
 
-    ``d lp(v)/dz_j = 1[j = v] - p_j`` and ``dH/dz_j = -p_j (lp_j + H)``. Two chunk-sized fp32 buffers:
-    the log-probs (turned in place into the per-column coefficient) and the probabilities (turned in
-    place into the gradient).
+    ``d lp(v)/dz_j = 1[j = v] - p_j`` and ``dH/dz_j = -p_j (lp_j + H)``.
     """
-    log_p = torch.sub(z, lse.unsqueeze(-1)).clamp_min_(_LOG_ZERO)  # exp(_LOG_ZERO) == 0 exactly
-    grad = log_p.exp()
-    if grad_entropy is None:
-        grad.mul_(-grad_sum.unsqueeze(-1))
-    else:
-        coefficient = log_p.add_(entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1))
-        grad.mul_(coefficient.add_(grad_sum.unsqueeze(-1))).neg_()
+    log_p = (z.to(lse.dtype) - lse.unsqueeze(-1)).clamp_min(_LOG_ZERO)  # exp(_LOG_ZERO) == 0 exactly
+    coefficient = grad_sum.unsqueeze(-1)
+    if grad_entropy is not None:
+        coefficient = coefficient + grad_entropy.unsqueeze(-1) * (log_p + entropy.unsqueeze(-1))
+    return -log_p.exp() * coefficient
+
+
+def _write_grad_chunk(out, z, lse, entropy, grad_sum, grad_entropy, onehot_index, grad_onehot):
+    """Write the gradient of one chunk of rows, one-hot part included, into ``out [C, V_valid]``."""
+    grad = _chunk_grad(z, lse, entropy, grad_sum, grad_entropy)
     grad.scatter_add_(-1, onehot_index, grad_onehot)
     out.copy_(grad)
 
@@ -231,7 +259,7 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         grad_sum = grad_log_probs.sum(-1)
         grad_onehot = torch.where(owned, grad_log_probs, torch.zeros_like(grad_log_probs))
         onehot_index = local_ids.clamp(0, shard.valid_size - 1)  # non-owned ids add exact zeros
-        for rows in _chunks(logits.shape[0], shard.local_size, chunk_tokens):
+        for rows in _chunks(logits.shape[0], shard.local_size, chunk_tokens, logits.device):
             _write_grad_chunk(
                 grad_logits[rows, : shard.valid_size],
                 logits[rows, : shard.valid_size],
@@ -329,7 +357,7 @@ def _shard_topk_candidates(logits: torch.Tensor, k: int, shard: VocabShard, padd
     values = torch.empty(logits.shape[0], local_k, dtype=logits.dtype, device=logits.device)
     ids = torch.empty(logits.shape[0], local_k, dtype=torch.int64, device=logits.device)
     if local_k > 0:
-        for rows in _chunks(logits.shape[0], shard.local_size, chunk_tokens):
+        for rows in _chunks(logits.shape[0], shard.local_size, chunk_tokens, logits.device):
             values[rows], ids[rows] = _local_topk_candidates(logits[rows, : shard.valid_size], local_k)
     return _pad_candidates(values, ids + shard.start, k, padded_vocab + shard.start)
 

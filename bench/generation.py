@@ -1,0 +1,154 @@
+"""Generation throughput: the Megatron KV-cache engine vs Hugging Face ``generate``, in the same run.
+
+Both models have the same shape (a small Qwen2: 4 layers, hidden 256, vocab 32,000 by default) with
+random weights; both decode greedily with a KV cache, the same batch of equal-length random prompts, and
+exactly ``--new-tokens`` tokens per row (no stop token). Tokens/s counts generated tokens only. The
+engine runs on ``--tp`` gloo ranks (CPU mode on a CPU); Hugging Face runs afterwards on rank 0 with all
+the CPU threads the ranks had between them. Prints the ratio and writes JSON.
+
+    python bench/generation.py                      # batch 8, prompt 32, 64 new tokens, TP1
+    python bench/generation.py --tp 2 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_tropd.spawn import run_on_ranks
+
+
+def model_config(args):
+    from megatron_tropd.models import tiny
+
+    return tiny(
+        "qwen2", num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=4 * args.hidden,
+        num_attention_heads=4, num_query_groups=2, vocab_size=args.vocab, max_position_embeddings=1024,
+    )  # fmt: skip
+
+
+def _timed(fn, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls, after one warm-up call."""
+    fn()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _megatron_seconds(args, prompts: torch.Tensor) -> list[float]:
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_tropd.models import build_gpt_model
+    from megatron_tropd.platform import enable_cpu_mode
+    from megatron_tropd.rollout import GenerationRequest, SamplingParams
+    from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
+    from megatron_tropd.topology import ParallelLayout, build_topology
+
+    enable_cpu_mode()
+    groups = build_topology(ParallelLayout(args.tp), ParallelLayout(args.tp)).student
+    model_parallel_cuda_manual_seed(1234)
+    model = build_gpt_model(
+        model_config(args), groups.pg_collection, pre_process=True, post_process=True,
+        tensor_parallel_size=args.tp, pipeline_parallel_size=1, seed=0,
+    )  # fmt: skip
+    engine = MegatronGenerationEngine(
+        model, groups, args.vocab, max_sequence_length=prompts.shape[1] + args.new_tokens,
+        max_batch_size=prompts.shape[0],
+    )  # fmt: skip
+    requests = [GenerationRequest(tuple(row.tolist()), sample_id=i) for i, row in enumerate(prompts)]
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens)
+
+    def run():
+        results = engine.generate(requests, sampling)
+        assert all(len(r.generated_token_ids) == args.new_tokens for r in results)
+
+    return _timed(run, args.repeats)
+
+
+def _hf_seconds(args, prompts: torch.Tensor) -> list[float]:
+    import transformers
+
+    hf_config = transformers.Qwen2Config(**model_config(args).to_hf_config())
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(hf_config).eval()
+    attention_mask = torch.ones_like(prompts)
+
+    def run():
+        with torch.no_grad():
+            output = model.generate(
+                prompts, attention_mask=attention_mask, do_sample=False, use_cache=True,
+                max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_token_id=None,
+                pad_token_id=0,
+            )  # fmt: skip
+        assert output.shape[1] == prompts.shape[1] + args.new_tokens
+
+    return _timed(run, args.repeats)
+
+
+def bench_worker(rank: int, world_size: int, args) -> dict:
+    generator = torch.Generator().manual_seed(123)
+    prompts = torch.randint(1, args.vocab, (args.batch, args.prompt_length), generator=generator)  # [B, P]
+    megatron = _megatron_seconds(args, prompts)
+    dist.barrier()
+    if rank != 0:
+        return {}
+    torch.set_num_threads(os.cpu_count() or 1)  # HF runs alone: give it every core the ranks shared
+    return {"megatron_seconds": megatron, "hf_seconds": _hf_seconds(args, prompts)}
+
+
+def run(args) -> dict:
+    timings = run_on_ranks(bench_worker, args.tp, args)[0]
+    new_tokens = args.batch * args.new_tokens
+    megatron_tps = new_tokens / statistics.median(timings["megatron_seconds"])
+    hf_tps = new_tokens / statistics.median(timings["hf_seconds"])
+    return {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "host": platform.node(),
+        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "megatron_tokens_per_s": megatron_tps,
+        "hf_tokens_per_s": hf_tps,
+        "megatron_over_hf": megatron_tps / hf_tps,
+        "seconds": timings,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/generation.json"))
+    args = parser.parse_args(argv)
+    results = run(args)
+    print(
+        f"device={results['device']} batch={args.batch} prompt={args.prompt_length} new={args.new_tokens} "
+        f"TP={args.tp}\n  megatron engine: {results['megatron_tokens_per_s']:8.1f} tokens/s\n"
+        f"  HF generate:     {results['hf_tokens_per_s']:8.1f} tokens/s\n"
+        f"  ratio megatron / HF: {results['megatron_over_hf']:.2f}"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Unified benchmark evaluation, independent of the model code (pure Python; no torch import).
+
+Pieces, each its own module:
+
+- ``schema``        benchmarks as JSONL data (math / code / instruction / multiple_choice), validated on load.
+- ``instructions``  registry of verifiable instruction constraints (IFEval / IFBench style).
+- ``verifiers``     one verdict per (item, response): math (math-verify or sympy), option letters,
+                    constraints, code run in the sandbox; a verifier crash is a failed verdict, not a raise.
+- ``sandbox``       run an untrusted Python program with rlimits, an unprivileged uid, no network, and
+                    writes confined to its own directory.
+- ``scoring``       ``evaluate(benchmarks, generate, k, temperature)`` -> ``EvalReport``; avg@k, pass@k;
+                    markdown / JSON / PNG reports in the paper's layout.
+
+Typical use (``tools/prepare_benchmarks.py --out data/benchmarks`` first)::
+
+    from megatron_tropd.eval.schema import load_benchmarks
+    from megatron_tropd.eval.scoring import evaluate, write_report
+
+    benchmarks = load_benchmarks("data/benchmarks")
+    report = evaluate(benchmarks, generate, k=32, temperature=0.6, run="tropd-step200")
+    write_report([baseline_report, report], "results/")
+
+``generate(prompts, k, temperature) -> list[list[str]]`` is supplied by the caller (the rollout engine).
+"""

@@ -1,0 +1,239 @@
+"""Evaluate a generator on benchmarks, score avg@k / pass@k, and write the paper-layout report.
+
+The generation side is a callable ``generate(prompts, k, temperature) -> list[list[str]]`` (k responses per
+prompt), so the rollout engine, an HF pipeline or a fake in tests plug in the same way. The headline
+metric is avg@k: per prompt the fraction of its k samples that are correct, averaged over prompts (the
+paper's number); pass@k uses the unbiased estimator of Chen et al. (2021).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from megatron_tropd.eval.sandbox import SandboxLimits
+from megatron_tropd.eval.schema import LETTERS, Benchmark, Item
+from megatron_tropd.eval.verifiers import verify_item
+
+logger = logging.getLogger(__name__)
+
+Generate = Callable[[list[str], int, float], list[list[str]]]
+
+# Appended to every prompt of a family so that the verifier can find the answer (the chat template is the
+# generation side's business).
+PROMPT_SUFFIX = {
+    "math": "\n\nPlease reason step by step, and put your final answer within \\boxed{}.",
+    "multiple_choice": "\n\nAnswer with the letter of the correct option, as 'Answer: X'.",
+    "code": "\n\nWrite a complete Python 3 program that reads from standard input and writes to standard "
+    "output. Put the program in one ```python code block.",
+    "instruction": "",
+}
+
+
+def render_prompt(item: Item, family: str) -> str:
+    """The text sent to the model for one item (options lettered for multiple choice)."""
+    body = item.prompt
+    if family == "multiple_choice":
+        body += "\n\n" + "\n".join(f"{LETTERS[i]}) {option}" for i, option in enumerate(item.options))
+    if family == "code" and item.entry is not None:
+        return body + f"\n\nImplement `{item.entry}` in one ```python code block."
+    return body + PROMPT_SUFFIX[family]
+
+
+def avg_at_k(correct: Sequence[Sequence[bool]]) -> float:
+    """Mean over prompts of the fraction of that prompt's samples that are correct."""
+    if not correct:
+        raise ValueError("avg@k of zero prompts is undefined")
+    return sum(sum(samples) / len(samples) for samples in correct) / len(correct)
+
+
+def pass_at_k_one(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k for one prompt: 1 - C(n - c, k) / C(n, k), as a stable product."""
+    if not 1 <= k <= num_samples:
+        raise ValueError(f"pass@{k} needs 1 <= k <= number of samples ({num_samples})")
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(num_samples - num_correct + 1, num_samples + 1))
+
+
+def pass_at_k(correct: Sequence[Sequence[bool]], k: int) -> float:
+    """Mean over prompts of the unbiased pass@k estimate."""
+    if not correct:
+        raise ValueError("pass@k of zero prompts is undefined")
+    return sum(pass_at_k_one(len(s), sum(s), k) for s in correct) / len(correct)
+
+
+@dataclass
+class SampleResult:
+    item_id: str
+    sample: int
+    correct: bool
+    reason: str
+    response: str
+
+
+@dataclass
+class BenchmarkResult:
+    name: str
+    family: str
+    num_prompts: int
+    avg_at_k: float
+    pass_at_k: dict[int, float]
+    samples: list[SampleResult] = field(default_factory=list)
+
+
+@dataclass
+class EvalReport:
+    run: str
+    k: int
+    temperature: float
+    benchmarks: list[BenchmarkResult]
+
+    @property
+    def average(self) -> float:
+        """Unweighted mean of the benchmarks' avg@k (the paper's Avg column)."""
+        return sum(b.avg_at_k for b in self.benchmarks) / len(self.benchmarks)
+
+    def summary(self) -> dict:
+        """Metrics without per-sample records (what results.json holds)."""
+        return {
+            "run": self.run,
+            "k": self.k,
+            "temperature": self.temperature,
+            "average": self.average,
+            "benchmarks": {
+                b.name: {
+                    "family": b.family,
+                    "num_prompts": b.num_prompts,
+                    "avg_at_k": b.avg_at_k,
+                    "pass_at_k": b.pass_at_k,
+                }
+                for b in self.benchmarks
+            },
+        }
+
+
+def _generate_checked(generate: Generate, prompts: list[str], k: int, temperature: float) -> list[list[str]]:
+    responses = generate(prompts, k, temperature)
+    if len(responses) != len(prompts) or any(len(r) != k for r in responses):
+        shape = [len(r) for r in responses]
+        raise ValueError(
+            f"generate returned {len(responses)} lists of sizes {shape[:8]}...; "
+            f"expected {len(prompts)} lists of {k} responses each"
+        )
+    return responses
+
+
+def evaluate_benchmark(
+    benchmark: Benchmark,
+    generate: Generate,
+    k: int,
+    temperature: float,
+    code_limits: SandboxLimits | None = None,
+) -> BenchmarkResult:
+    """Generate k responses per item, verify each, and score the benchmark."""
+    prompts = [render_prompt(item, benchmark.family) for item in benchmark.items]
+    responses = _generate_checked(generate, prompts, k, temperature)
+    samples, correct = [], []
+    for item, item_responses in zip(benchmark.items, responses, strict=True):
+        verdicts = [verify_item(benchmark.family, item, r, code_limits) for r in item_responses]
+        correct.append([v.correct for v in verdicts])
+        samples += [
+            SampleResult(item.id, i, v.correct, v.reason, r)
+            for i, (v, r) in enumerate(zip(verdicts, item_responses, strict=True))
+        ]
+    pass_ks = sorted({1, k})
+    result = BenchmarkResult(
+        benchmark.name,
+        benchmark.family,
+        len(prompts),
+        avg_at_k(correct),
+        {n: pass_at_k(correct, n) for n in pass_ks},
+        samples,
+    )
+    logger.info("%s: avg@%d %.4f over %d prompts", benchmark.name, k, result.avg_at_k, len(prompts))
+    return result
+
+
+def evaluate(
+    benchmarks: Sequence[Benchmark],
+    generate: Generate,
+    k: int,
+    temperature: float,
+    run: str = "run",
+    code_limits: SandboxLimits | None = None,
+) -> EvalReport:
+    """Evaluate one generator on every benchmark; the report carries per-sample verdicts and reasons."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not benchmarks:
+        raise ValueError("no benchmarks to evaluate")
+    results = [evaluate_benchmark(b, generate, k, temperature, code_limits) for b in benchmarks]
+    return EvalReport(run=run, k=k, temperature=temperature, benchmarks=results)
+
+
+# ------------------------------------------------------------------------------------------- reports
+
+
+def _benchmark_names(reports: Sequence[EvalReport]) -> list[str]:
+    names: list[str] = []
+    for report in reports:
+        names += [b.name for b in report.benchmarks if b.name not in names]
+    return names
+
+
+def markdown_table(reports: Sequence[EvalReport]) -> str:
+    """Rows = runs, columns = benchmarks + Avg; avg@k in percent, '-' where a run lacks a benchmark."""
+    names = _benchmark_names(reports)
+    lines = ["| Run | " + " | ".join(names) + " | Avg |", "|---" * (len(names) + 2) + "|"]
+    for report in reports:
+        scores = {b.name: b.avg_at_k for b in report.benchmarks}
+        cells = [f"{100 * scores[n]:.1f}" if n in scores else "-" for n in names]
+        lines.append(f"| {report.run} | " + " | ".join(cells) + f" | {100 * report.average:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(reports: Sequence[EvalReport], path: Path) -> None:
+    """Grouped bar chart: one group per benchmark (and Avg), one bar per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    names = _benchmark_names(reports) + ["Avg"]
+    width = 0.8 / len(reports)
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.2 * len(names)), 4.0))
+    for index, report in enumerate(reports):
+        scores = {b.name: b.avg_at_k for b in report.benchmarks} | {"Avg": report.average}
+        positions = [j + index * width for j in range(len(names))]
+        axes.bar(positions, [100 * scores.get(n, 0.0) for n in names], width, label=report.run)
+    axes.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30, ha="right")
+    axes.set_ylabel(f"avg@{reports[0].k} (%)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(reports: Sequence[EvalReport], out_dir: str | Path) -> dict[str, Path]:
+    """Write results.md (paper table), results.json (metrics), samples-<run>.jsonl and results.png."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        kind: out_dir / f"results.{suffix}"
+        for kind, suffix in (("markdown", "md"), ("json", "json"), ("png", "png"))
+    }
+    paths["markdown"].write_text(markdown_table(reports), encoding="utf-8")
+    summary = {"runs": [r.summary() for r in reports]}
+    paths["json"].write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    for report in reports:
+        with open(out_dir / f"samples-{report.run}.jsonl", "w", encoding="utf-8") as handle:
+            for bench in report.benchmarks:
+                for sample in bench.samples:
+                    handle.write(json.dumps({"benchmark": bench.name, **asdict(sample)}) + "\n")
+    plot_comparison(reports, paths["png"])
+    return paths

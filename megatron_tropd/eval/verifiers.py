@@ -1,0 +1,267 @@
+"""Verifiers: decide whether one model response answers one benchmark item.
+
+Every verifier returns a :class:`Verdict` (correct + a reason when it is not). :func:`verify_item` is the
+only entry point the evaluator uses; it turns a crash inside a verifier into a failed verdict carrying the
+exception, so one bad sample never stops an evaluation.
+
+Math uses ``math-verify`` (symbolic equivalence of LaTeX / plain answers) when it is installed and a small
+sympy comparison otherwise; :data:`MATH_BACKEND` says which is active.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass, replace
+
+import sympy
+from sympy.parsing.sympy_parser import (
+    implicit_multiplication_application,
+    parse_expr,
+    rationalize,
+    standard_transformations,
+)
+
+from megatron_tropd.eval.instructions import CHECKERS
+from megatron_tropd.eval.sandbox import SandboxLimits, run_program
+from megatron_tropd.eval.schema import LETTERS, Item
+
+try:
+    import math_verify
+
+    MATH_BACKEND = "math-verify"
+except ImportError:  # the sympy fallback below keeps math scoring available
+    math_verify = None
+    MATH_BACKEND = "sympy"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    correct: bool
+    reason: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- math
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces balanced; None if absent."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    position = text.index("{", start) + 1
+    depth = 1
+    for index in range(position, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[position:index].strip()
+    return None  # unbalanced: a truncated response
+
+
+_FINAL_ANSWER = re.compile(
+    r"final answer\s*(?:is|:)?\s*:?\s*\$?([^\n$]+?)\$?\s*(?:\.\s*)?$", re.IGNORECASE | re.MULTILINE
+)
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The response's final answer: the last ``\\boxed{}``, else the last "final answer is X" line."""
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    matches = _FINAL_ANSWER.findall(text)
+    return matches[-1].strip() if matches else None
+
+
+_LATEX_NESTED = [
+    (r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)"),
+    (r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))"),
+]
+_LATEX_FLAT = [
+    (r"\\left|\\right|\\!|\\,|\\;|\$|\\%|%", ""),
+    (r"\\cdot|\\times", "*"),
+    (r"\^", "**"),
+    (r"\\pi", "pi"),
+    (r"\\text\{([^{}]*)\}", r"\1"),
+    (r"\{", "("),
+    (r"\}", ")"),
+    (r",", ""),
+    (r"(?<![\d.])0+(?=\d)", ""),  # 070 -> 70: Python rejects leading zeros
+]
+_TRANSFORMATIONS = (*standard_transformations, implicit_multiplication_application, rationalize)
+
+
+_SAFE_NAMES = {"sqrt", "pi", "E", "I", "oo", "log", "ln", "exp", "sin", "cos", "tan"}
+
+
+def _refuse_unsafe(text: str) -> None:
+    """parse_expr evaluates Python: admit only arithmetic, one-letter symbols and a few functions."""
+    names = re.findall(r"[A-Za-z]+", text)
+    if (
+        not re.fullmatch(r"[A-Za-z0-9 +\-*/().]*", text)
+        or re.search(r"\.(?!\d)", text)
+        or any(len(name) > 1 and name not in _SAFE_NAMES for name in names)
+    ):
+        raise ValueError(f"not a plain arithmetic expression: {text!r}")
+
+
+def _to_sympy(answer: str):
+    """LaTeX-ish answer -> sympy expression; innermost \\sqrt / \\frac first, until nothing changes."""
+    text = re.sub(r"\\[dt]?frac(\d)(\d)", r"\\frac{\1}{\2}", answer.strip().rstrip("."))
+    previous = None
+    while previous != text:
+        previous = text
+        for pattern, replacement in _LATEX_NESTED:
+            text = re.sub(pattern, replacement, text)
+    for pattern, replacement in _LATEX_FLAT:
+        text = re.sub(pattern, replacement, text)
+    _refuse_unsafe(text)
+    return parse_expr(text, transformations=_TRANSFORMATIONS, evaluate=True)
+
+
+def _squash(answer: str) -> str:
+    """String form for answers sympy cannot read (intervals, words): no spaces, $, \\left, \\text."""
+    return re.sub(r"\s|\$|\\left|\\right|\\text\{|\\mathrm\{|[{}]", "", answer)
+
+
+def _sympy_equal(reference: str, candidate: str) -> bool:
+    """Fallback equivalence: simplify(ref - cand) == 0, else normalised string equality."""
+    try:
+        return sympy.simplify(_to_sympy(reference) - _to_sympy(candidate)) == 0
+    except (sympy.SympifyError, TypeError, SyntaxError, ValueError, AttributeError):
+        return _squash(reference) == _squash(candidate)
+
+
+def verify_math(response: str, answer: str) -> Verdict:
+    """Correct when the response's final answer is mathematically equal to ``answer``."""
+    candidate = extract_final_answer(response)
+    if candidate is None:
+        return Verdict(False, "no final answer (no \\boxed{} and no 'final answer' line)")
+    if math_verify is not None:
+        # math-verify times out with SIGALRM, which only the main thread may use.
+        timeout = 5 if threading.current_thread() is threading.main_thread() else None
+        gold = math_verify.parse(f"${answer}$", parsing_timeout=timeout)
+        predicted = math_verify.parse(f"${candidate}$", parsing_timeout=timeout)
+        if not gold:
+            raise ValueError(f"math-verify could not parse the reference answer {answer!r}")
+        correct = bool(predicted) and math_verify.verify(gold, predicted, timeout_seconds=timeout)
+    else:
+        correct = _sympy_equal(answer, candidate)
+    return Verdict(True) if correct else Verdict(False, f"answer {candidate!r} != reference {answer!r}")
+
+
+# ----------------------------------------------------------------------------------- multiple choice
+
+_LETTER = r"(\([A-Za-z]\)|[A-Z](?![A-Za-z]))"  # "(b)" or a capital standing alone, never the word "a"
+_CHOICE_PATTERNS = [  # most explicit first; within a pattern the last match wins
+    rf"\\boxed\{{\s*(?:\\text\{{)?{_LETTER}",
+    rf"(?i:answer)(?:\s+(?i:is)|\s*:)?\s*\**:?\s*{_LETTER}",
+    r"(\([A-Z]\))",
+    rf"^\s*{_LETTER}[.:]?\s*$",
+]
+
+
+def extract_choice(response: str, num_options: int) -> str | None:
+    """The chosen option letter ("Answer: C", "(C)", "\\boxed{C}", a lone "C"), or None."""
+    valid = LETTERS[:num_options]
+    for pattern in _CHOICE_PATTERNS:
+        letters = [m.strip("()").upper() for m in re.findall(pattern, response, re.MULTILINE)]
+        letters = [letter for letter in letters if letter in valid]
+        if letters:
+            return letters[-1]
+    return None
+
+
+def verify_multiple_choice(response: str, answer: str, num_options: int) -> Verdict:
+    choice = extract_choice(response, num_options)
+    if choice is None:
+        return Verdict(False, "no option letter found")
+    return Verdict(True) if choice == answer else Verdict(False, f"chose {choice}, answer is {answer}")
+
+
+# ------------------------------------------------------------------------------------- instructions
+
+
+def verify_instructions(response: str, item: Item) -> Verdict:
+    """Correct when every constraint holds (IFEval's strict prompt-level accuracy)."""
+    failed = [c.type for c in item.constraints if not CHECKERS[c.type](response, **c.kwargs)]
+    return Verdict(not failed, f"failed constraints: {failed}" if failed else "")
+
+
+# --------------------------------------------------------------------------------------------- code
+
+_CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+# Prepended to every program, as LiveCodeBench's harness does: solutions may use these names unimported.
+_CODE_PRELUDE = (
+    "import bisect, collections, functools, heapq, itertools, math, re, string, sys\n"
+    "from collections import *\nfrom functools import *\nfrom itertools import *\nfrom typing import *\n\n"
+)
+
+# Appended for LeetCode-style items: one JSON argument per input line, the JSON return value printed.
+_ENTRY_HARNESS = """
+
+import json as _json, sys as _sys
+_args = [_json.loads(_line) for _line in _sys.stdin.read().splitlines() if _line.strip()]
+_target = Solution().{entry} if "Solution" in globals() else {entry}
+print(_json.dumps(_target(*_args)))
+"""
+
+
+def extract_code(response: str) -> str | None:
+    """The last fenced code block (```python ... ```), or None."""
+    blocks = _CODE_BLOCK.findall(response)
+    return blocks[-1] if blocks else None
+
+
+def _same_output(expected: str, actual: str, entry: str | None) -> bool:
+    if entry is not None:
+        try:
+            return json.loads(expected) == json.loads(actual)
+        except ValueError:
+            return False
+    lines = lambda s: [line.rstrip() for line in s.strip().splitlines()]  # noqa: E731
+    return lines(expected) == lines(actual)
+
+
+def verify_code(response: str, item: Item, limits: SandboxLimits | None = None) -> Verdict:
+    """Run the response's program on every test in the sandbox; the first failing test is the reason."""
+    program = extract_code(response)
+    if program is None:
+        return Verdict(False, "no fenced code block in the response")
+    program = _CODE_PRELUDE + program
+    if item.entry is not None:
+        program += _ENTRY_HARNESS.format(entry=item.entry)
+    limits = limits or SandboxLimits()
+    if item.timeout_seconds is not None:
+        limits = replace(limits, wall_seconds=item.timeout_seconds)
+    for index, test in enumerate(item.tests):
+        result = run_program(program, test.input, limits)
+        if not result.ok:
+            return Verdict(False, f"test {index}: {result.status}: {result.reason}")
+        if not _same_output(test.output, result.stdout, item.entry):
+            return Verdict(False, f"test {index}: wrong output {result.stdout[:80]!r}")
+    return Verdict(True)
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+
+
+def _dispatch(family: str, item: Item, response: str, code_limits: SandboxLimits | None) -> Verdict:
+    if family == "math":
+        return verify_math(response, item.answer)
+    if family == "multiple_choice":
+        return verify_multiple_choice(response, item.answer, len(item.options))
+    if family == "instruction":
+        return verify_instructions(response, item)
+    if family == "code":
+        return verify_code(response, item, code_limits)
+    raise ValueError(f"unknown benchmark family {family!r}")
+
+
+def verify_item(family: str, item: Item, response: str, code_limits: SandboxLimits | None = None) -> Verdict:
+    """Verify one response; a crash in the verifier is a failed verdict with the reason, never a raise."""
+    try:
+        return _dispatch(family, item, response, code_limits)
+    except Exception as error:  # noqa: BLE001 - any verifier bug must not end the evaluation
+        return Verdict(False, f"verifier error: {type(error).__name__}: {error}")
