@@ -8,9 +8,9 @@ not sharded (TP = 1) and no collective runs; otherwise the group is always passe
 
 Memory: the vocabulary is only ever touched one token chunk at a time (``chunk_tokens`` rows, by default
 sized so one fp32 chunk is the device's ``CHUNK_BYTES``), so no full-vocab fp32 copy of the batch is
-ever made. The backward recomputes the softmax chunk by chunk from the saved logits and the per-token log-sum-exp, and
-with ``inplace_backward=True`` writes the gradient into the logits' own storage (as Megatron's
-cross-entropy does), so the whole op needs only chunk-sized scratch memory beyond its input.
+ever made. The backward recomputes the softmax chunk by chunk from the saved logits and the per-token
+log-sum-exp, and with ``inplace_backward=True`` writes the gradient into the logits' own storage (as
+Megatron's cross-entropy does), so the whole op needs only chunk-sized scratch memory beyond its input.
 
 Collectives: forward only. Per call, one all-gather of per-rank ``(max, sum-exp[, entropy part])``
 statistics ``[T, 2|3]``, one all-reduce of the gathered logits ``[T, m]``, and for top-k one all-gather of
