@@ -17,7 +17,8 @@ setup(
     description="Trust-Region On-Policy Distillation (TrOPD) and its baselines on Megatron-Core",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["megatron_tropd", "megatron_tropd.*"]),
+    packages=find_packages(include=["megatron_tropd", "megatron_tropd.*", "recipes"]),
+    package_data={"megatron_tropd.demo": ["*.jsonl"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -27,9 +28,14 @@ setup(
         "psutil",  # dist-checkpointing's writer processes need it (megatron-core does not declare it)
         "tqdm",  # megatron's inference engines need it (undeclared as well)
         "sentencepiece",
+        "math-verify",  # eval: symbolic equivalence of math answers (a sympy fallback exists without it)
+        "matplotlib",  # eval: the comparison bar chart of write_report
+        "jinja2",  # data: chat templates
+        "tokenizers",  # data: Hugging Face tokenizer.json files
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "ruff"],
+        # nemo-run is in dev too so CI tests the launcher (recipes/launch.py) and its sbatch golden file.
+        "dev": ["pytest", "pytest-timeout", "ruff", "nemo-run==0.11.1", "leptonai<0.47"],
         # nemo-run 0.11.1 does not import with leptonai>=0.47 (no leptonai.api.v1).
         "launch": ["nemo-run==0.11.1", "leptonai<0.47"],
         # transformer-engine and NVIDIA apex are not pip-installable here (apex is not on PyPI; the TE

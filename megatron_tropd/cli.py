@@ -2,7 +2,7 @@
 
 Each command is a ``(help, add_arguments, run)`` entry in ``COMMANDS``; ``run`` imports what it needs
 itself, so ``tropd version`` starts instantly and only the command you run pays for torch/Megatron.
-Adding ``train``, ``convert`` or ``eval`` is one function pair and one table row.
+Adding ``convert`` or ``eval`` is one function pair and one table row.
 """
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     return smoke.main(args.argv) or 0
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    from megatron_tropd import train  # config only; torch loads once the config has been checked
+
+    return train.main(args.argv)
+
+
 def _run_version(args: argparse.Namespace) -> int:
     del args
     print(f"megatron_tropd {__version__}")
@@ -59,6 +65,12 @@ COMMANDS: dict[str, Command] = {
         help="run the built-in CPU demo (2 gloo ranks); `tropd demo --help` for its options",
         add_arguments=_no_arguments,
         run=_run_demo,
+        forwards_argv=True,
+    ),
+    "train": Command(
+        help="train with a recipe: `tropd train --recipe <name> [key=value ...]` (`--help` for more)",
+        add_arguments=_no_arguments,
+        run=_run_train,
         forwards_argv=True,
     ),
     "version": Command(

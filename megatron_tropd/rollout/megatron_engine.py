@@ -1,0 +1,278 @@
+"""Batched KV-cache sampling on a Megatron-Core ``GPTModel`` under its own TP x PP layout.
+
+Why our own loop: Megatron's dynamic engine is GPU-only and its static engine neither continues from a
+forced prefix nor hands activations between pipeline stages. The loop here uses only the model's
+forward with Megatron's ``StaticInferenceContext`` as the KV cache:
+
+* **Variable-length prompts**, left-aligned. One prefill runs the shortest prompt+prefix length common to
+  all rows; after that every step feeds one token per row: the row's next forced token (prompt or prefix)
+  while it has one, else the token just sampled. The static KV cache keeps one position offset for the
+  whole batch, which this scheme respects, and forced tokens are never sampled.
+* **TP**: the last stage's logits are gathered over TP (``runtime_gather_output=True``; Megatron asserts
+  it in inference mode). ``batch x vocab`` per step is small, and every TP rank then holds the same bytes.
+* **PP > 1**: each step, stage ``i`` receives the hidden states ``[s, b, h]`` from stage ``i - 1``
+  (``model.set_input_tensor``), runs its layers and sends them on; the last stage samples and broadcasts
+  (token, log-prob) to its pipeline over ``groups.pp_group``.
+* **Randomness** is stateless: the uniform for a token is ``trust_uniform(seed, _SAMPLING_STREAM,
+  sample_id, position)`` (the counter-based hash of ``ops/trust.py`` on its own stream), turned into a
+  token by inverse-CDF sampling. So every rank draws the same token, a request's tokens do not depend on
+  the other requests in its batch, and re-runs reproduce exactly.
+* Padded vocabulary columns (``>= vocab_size``) are cut off before sampling, so they are never drawn.
+
+Megatron-Core versions: written against 0.16.1 (``GPTModel.forward(..., inference_context=,
+runtime_gather_output=)``, ``StaticInferenceContext(max_batch_size, max_sequence_length)`` with
+``sequence_len_offset`` advanced by the caller). In static batching Megatron slices RoPE by
+``sequence_len_offset``, not by ``position_ids`` (which we still pass, for versions that read them).
+Not run against 0.19 here: feasibility.md §4 found its ``StaticInferenceContext`` and these forward
+arguments present (only ``GPTInferenceWrapper``'s signature changed, which we do not use). Some versions
+materialise only the last position's logits and some every position; we slice the last one either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_tropd.ops.trust import trust_uniform
+from megatron_tropd.platform import default_device
+from megatron_tropd.rollout.engine import GenerationRequest, GenerationResult, SamplingParams
+from megatron_tropd.topology import ModelGroups
+
+# Stream id mixed into the sampling hash so sampling uniforms never coincide with the trust draw's.
+_SAMPLING_STREAM = 0x534D504C
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling (pure functions of the gathered logits)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def filter_logprobs(logprobs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Apply top-k then top-p to ``logprobs [b, V]`` and renormalise; removed tokens get ``-inf``.
+
+    Top-p keeps the smallest prefix of the descending-probability order whose mass reaches ``top_p``
+    (the most likely token always survives), as Hugging Face does.
+    """
+    if 0 < top_k < logprobs.shape[-1]:
+        kept = torch.full_like(logprobs, float("-inf"))
+        top_values, top_ids = logprobs.topk(top_k, dim=-1)
+        logprobs = kept.scatter(-1, top_ids, top_values)
+    if top_p < 1.0:
+        sorted_lp, order = logprobs.sort(dim=-1, descending=True)
+        sorted_probs = sorted_lp.exp()
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # [b, V]
+        sorted_lp = sorted_lp.masked_fill(mass_before >= top_p, float("-inf"))
+        logprobs = torch.full_like(logprobs, float("-inf")).scatter(-1, order, sorted_lp)
+    return logprobs - logprobs.logsumexp(-1, keepdim=True)
+
+
+def sampling_uniforms(seed: int, sample_ids: torch.Tensor, position: int) -> torch.Tensor:
+    """``[b]`` float64 in (0, 1): a pure function of (seed, sample id, position of the drawn token)."""
+    positions = torch.full_like(sample_ids, position)
+    return trust_uniform(seed, _SAMPLING_STREAM, sample_ids, positions)
+
+
+def sample_tokens(
+    logits: torch.Tensor, vocab_size: int, sampling: SamplingParams, uniforms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from ``logits [b, V_padded]``: ``(tokens [b] int64, logprobs [b] fp32)``.
+
+    The log-prob is that of the distribution actually sampled from (after temperature, top-k, top-p);
+    greedy (temperature 0) is a point mass, log-prob 0. Columns ``>= vocab_size`` are padding: cut off.
+    """
+    logits = logits[:, :vocab_size].float()  # [b, V]
+    if sampling.temperature == 0.0:
+        return logits.argmax(-1), torch.zeros(logits.shape[0], device=logits.device)
+    logprobs = torch.log_softmax(logits / sampling.temperature, dim=-1)
+    logprobs = filter_logprobs(logprobs, sampling.top_k, sampling.top_p)
+    cdf = logprobs.double().exp().cumsum(-1)  # [b, V]
+    targets = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)  # [b, 1], inside (0, total mass)
+    tokens = torch.searchsorted(cdf, targets).squeeze(-1).clamp_max(vocab_size - 1)
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ChunkState:
+    """Decoding state of one batch of rows (all tensors on the engine's device)."""
+
+    tokens: torch.Tensor  # [b, max_total] int64: forced tokens, then generated, then pad (0)
+    logprobs: torch.Tensor  # [b, max_total] fp32: sampler log-prob of the token at each position
+    forced_length: torch.Tensor  # [b] int64: prompt + prefix length
+    num_generated: torch.Tensor  # [b] int64
+    stopped: torch.Tensor  # [b] bool: a stop token was sampled
+    sample_ids: torch.Tensor  # [b] int64
+
+    def finished(self, position: int, max_new_tokens: int) -> torch.Tensor:
+        """``[b]`` bool: rows that need no token at ``position`` (no forced token left and done)."""
+        done = self.stopped | (self.num_generated >= max_new_tokens)
+        return (self.forced_length <= position) & done
+
+
+class MegatronGenerationEngine:
+    """``GenerationEngine`` over one model replica (its TP x PP ranks); collective over those ranks.
+
+    Every rank of the replica calls ``generate`` with the same requests and gets the same results.
+    Requests are processed in chunks of ``max_batch_size`` rows; each row's prompt + prefix +
+    ``max_new_tokens`` must fit in ``max_sequence_length`` (the KV cache's length).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        groups: ModelGroups,
+        vocab_size: int,
+        max_sequence_length: int,
+        max_batch_size: int,
+    ):
+        if max_batch_size < 1 or max_sequence_length < 2:
+            raise ValueError(
+                f"max_batch_size={max_batch_size} and max_sequence_length={max_sequence_length}: need at "
+                "least 1 row and 2 positions (a prompt token and one generated token)"
+            )
+        self.model = model
+        self.groups = groups
+        self.vocab_size = vocab_size
+        self.max_sequence_length = max_sequence_length
+        self.max_batch_size = max_batch_size
+        self.device = default_device()
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], sampling: SamplingParams
+    ) -> list[GenerationResult]:
+        """One result per request, in order. The model is put in eval mode and restored afterwards."""
+        sampling.validate()
+        self._validate(requests, sampling)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            results = []
+            for start in range(0, len(requests), self.max_batch_size):
+                chunk = list(requests[start : start + self.max_batch_size])
+                results.extend(self._generate_chunk(chunk, sampling))
+            return results
+        finally:
+            self.model.train(was_training)
+
+    def _validate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> None:
+        for stop in sampling.stop_token_ids:
+            if not 0 <= stop < self.vocab_size:
+                raise ValueError(f"stop token {stop} is outside the vocabulary [0, {self.vocab_size})")
+        for request in requests:
+            if not request.prompt_token_ids:
+                raise ValueError(f"request {request.sample_id} has an empty prompt; give at least one token")
+            forced = (*request.prompt_token_ids, *request.prefix_token_ids)
+            if min(forced) < 0 or max(forced) >= self.vocab_size:
+                raise ValueError(f"request {request.sample_id} has token ids outside [0, {self.vocab_size})")
+            total = request.forced_length + sampling.max_new_tokens
+            if total > self.max_sequence_length:
+                raise ValueError(
+                    f"request {request.sample_id} needs {total} positions (prompt + prefix + "
+                    f"max_new_tokens) but the engine's max_sequence_length is {self.max_sequence_length}; "
+                    "raise max_sequence_length or lower max_new_tokens"
+                )
+
+    def _new_state(self, chunk: list[GenerationRequest], max_total: int) -> _ChunkState:
+        tokens = torch.zeros(len(chunk), max_total, dtype=torch.int64, device=self.device)
+        for row, request in enumerate(chunk):
+            forced = (*request.prompt_token_ids, *request.prefix_token_ids)
+            tokens[row, : len(forced)] = torch.tensor(forced, dtype=torch.int64)
+        forced_length = torch.tensor([r.forced_length for r in chunk], dtype=torch.int64, device=self.device)
+        return _ChunkState(
+            tokens=tokens,
+            logprobs=torch.zeros(len(chunk), max_total, device=self.device),
+            forced_length=forced_length,
+            num_generated=torch.zeros_like(forced_length),
+            stopped=torch.zeros_like(forced_length, dtype=torch.bool),
+            sample_ids=torch.tensor([r.sample_id for r in chunk], dtype=torch.int64, device=self.device),
+        )
+
+    @torch.no_grad()
+    def _generate_chunk(self, chunk: list[GenerationRequest], sampling: SamplingParams):
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        max_total = max(r.forced_length for r in chunk) + sampling.max_new_tokens
+        state = self._new_state(chunk, max_total)
+        context = StaticInferenceContext(len(chunk), max_total)
+        position = min(r.forced_length for r in chunk)  # the prefill covers what every row has forced
+        step_input = state.tokens[:, :position]  # [b, s]
+        stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.int64, device=self.device)
+        while not state.finished(position, sampling.max_new_tokens).all():
+            logits = self._forward(step_input, context)  # [b, V_padded] on the last stage, else None
+            sampled, logprobs = self._sample(logits, sampling, state.sample_ids, position)
+            self._record(state, position, sampled, logprobs, sampling.max_new_tokens, stop_ids)
+            step_input = state.tokens[:, position : position + 1]  # [b, 1]
+            position += 1
+        return [self._result(state, row, request) for row, request in enumerate(chunk)]
+
+    def _record(self, state: _ChunkState, position, sampled, logprobs, max_new_tokens, stop_ids) -> None:
+        """Write the token at ``position``: forced where the row has one, sampled while it is generating."""
+        is_forced = position < state.forced_length  # [b]
+        generating = ~is_forced & ~state.finished(position, max_new_tokens)
+        next_token = torch.where(generating, sampled, torch.zeros_like(sampled))
+        state.tokens[:, position] = torch.where(is_forced, state.tokens[:, position], next_token)
+        state.logprobs[:, position] = torch.where(generating, logprobs, torch.zeros_like(logprobs))
+        state.stopped |= generating & torch.isin(sampled, stop_ids)
+        state.num_generated += generating.long()
+
+    def _result(self, state: _ChunkState, row: int, request: GenerationRequest) -> GenerationResult:
+        forced, generated = int(state.forced_length[row]), int(state.num_generated[row])
+        tokens = state.tokens[row, : forced + generated].tolist()
+        return GenerationResult(
+            token_ids=tokens,
+            prompt_length=len(request.prompt_token_ids),
+            prefix_length=len(request.prefix_token_ids),
+            generated_token_ids=tokens[forced:],
+            generated_logprobs=state.logprobs[row, forced : forced + generated].tolist(),
+            finished_by_stop=bool(state.stopped[row]),
+            sample_id=request.sample_id,
+        )
+
+    def _forward(self, step_input: torch.Tensor, context) -> torch.Tensor | None:
+        """Run this stage on ``step_input [b, s]``, handing hidden states ``[s, b, h]`` down the pipeline.
+
+        Returns the gathered last-position logits ``[b, V_padded]`` on the last stage, None elsewhere.
+        """
+        batch, length = step_input.shape
+        offset = context.sequence_len_offset
+        position_ids = torch.arange(offset, offset + length, device=self.device).expand(batch, length)
+        if not self.groups.is_first_stage:
+            config = self.model.config
+            hidden = torch.empty(
+                length, batch, config.hidden_size, dtype=config.pipeline_dtype, device=self.device
+            )
+            dist.recv(hidden, src=self._stage_rank(-1), group=self.groups.pp_group)
+            self.model.set_input_tensor(hidden)
+        output = self.model(
+            step_input, position_ids, None, inference_context=context, runtime_gather_output=True
+        )
+        context.sequence_len_offset += length
+        if length > 1:
+            context.enable_decode_mode()  # every later step feeds one token per row
+        if not self.groups.is_last_stage:
+            dist.send(output.contiguous(), dst=self._stage_rank(+1), group=self.groups.pp_group)
+            return None
+        return output[:, -1, :]
+
+    def _stage_rank(self, step: int) -> int:
+        """Global rank of the neighbouring stage (same TP rank) ``step`` stages down the pipeline."""
+        return self.groups.pipeline_ranks[self.groups.position.pp_rank + step]
+
+    def _sample(self, logits, sampling: SamplingParams, sample_ids: torch.Tensor, position: int):
+        """Sample on the last stage, then broadcast ``(tokens [b], logprobs [b])`` to the whole pipeline."""
+        batch = sample_ids.shape[0]
+        packed = torch.zeros(2, batch, dtype=torch.float64, device=self.device)  # token ids < 2**53: exact
+        if self.groups.is_last_stage:
+            uniforms = sampling_uniforms(sampling.seed, sample_ids, position)
+            tokens, logprobs = sample_tokens(logits, self.vocab_size, sampling, uniforms)
+            packed[0], packed[1] = tokens.double(), logprobs.double()
+        if self.groups.layout.pipeline_parallel > 1:
+            dist.broadcast(packed, src=self.groups.pipeline_ranks[-1], group=self.groups.pp_group)
+        return packed[0].long(), packed[1].float()

@@ -1,0 +1,321 @@
+"""The distillation loop, top to bottom: sample prompts -> generate (student, with teacher-prefix guidance)
+-> score (teacher signals, old student log-probs, trust draw) -> train -> log -> checkpoint.
+
+``run(config)`` is the job's entry point on every rank (torchrun, srun or a nemo-run launcher). Every
+method of ``method.md`` runs through the same loop; only ``config.method`` changes. On SIGUSR1 (Slurm's
+pre-emption / time-limit warning) the loop finishes the current step, saves a checkpoint and returns,
+so a requeued job resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_tropd.batch import RolloutBatch
+from megatron_tropd.config import RunConfig
+from megatron_tropd.data import Prompt, PromptSampler, Tokenizer, load_prompts
+from megatron_tropd.guidance import draw_prefix_lengths, guided_samples_per_prompt, max_prefix_length
+from megatron_tropd.platform import default_device
+from megatron_tropd.rollout.engine import (
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    to_rollout_batch,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """Everything the loop holds on this rank."""
+
+    config: RunConfig
+    topology: object
+    student: object  # training.Student
+    teacher: torch.nn.Module
+    student_engine: object  # rollout GenerationEngine on the student's layout
+    teacher_engine: object
+    sampler: PromptSampler
+    eos_token_id: int | None
+    run_dir: Path
+
+
+def _build_models(config: RunConfig):
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_tropd.checkpoint import load_model_weights
+    from megatron_tropd.models import build_gpt_model
+    from megatron_tropd.topology import ParallelLayout, build_topology
+    from megatron_tropd.training import build_student
+
+    p = config.parallel
+    topology = build_topology(
+        ParallelLayout(p.student_tensor_parallel, p.student_pipeline_parallel),
+        ParallelLayout(p.teacher_tensor_parallel, p.teacher_pipeline_parallel),
+    )
+    model_parallel_cuda_manual_seed(config.seed)
+    student = build_student(config.student, config.optim, topology.student, config.train_steps, config.seed)
+    if config.checkpoint.student_init:
+        load_model_weights(config.checkpoint.student_init, student.module, config.student)
+    groups = topology.teacher
+    teacher = build_gpt_model(
+        config.teacher, groups.pg_collection, pre_process=groups.is_first_stage,
+        post_process=groups.is_last_stage, tensor_parallel_size=groups.layout.tensor_parallel,
+        pipeline_parallel_size=groups.layout.pipeline_parallel,
+        seed=None if config.checkpoint.teacher else config.seed + 1,
+    )  # fmt: skip
+    if config.checkpoint.teacher:
+        load_model_weights(config.checkpoint.teacher, teacher, config.teacher)
+    teacher.requires_grad_(False).eval()
+    return topology, student, teacher
+
+
+def _engines(config: RunConfig, topology, student, teacher):
+    from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
+
+    max_length = config.rollout.max_prompt_length + config.rollout.max_new_tokens
+    batch = max(1, config.rollout.rollouts_per_step // topology.student.data_parallel)
+    student_engine = MegatronGenerationEngine(
+        student.module, topology.student, config.student.vocab_size, max_length, batch
+    )
+    teacher_engine = MegatronGenerationEngine(
+        teacher, topology.teacher, config.teacher.vocab_size, max_length, batch
+    )
+    return student_engine, teacher_engine
+
+
+def setup(config: RunConfig) -> tuple[Job, dict]:
+    """Start the process group, build both models and the data, and resume when a checkpoint exists."""
+    from megatron_tropd.checkpoint import load_checkpoint
+    from megatron_tropd.platform import enable_cpu_mode, init_distributed, set_seed
+
+    info = init_distributed()
+    config.validate(info.world_size)
+    enable_cpu_mode()
+    set_seed(config.seed)
+    topology, student, teacher = _build_models(config)
+    tokenizer = Tokenizer(config.data.tokenizer) if config.data.tokenizer else None
+    prompts = load_prompts(
+        config.data.train_prompts, tokenizer, config.data.chat_template, config.rollout.max_prompt_length,
+        config.data.on_overlong_prompt,
+    )  # fmt: skip
+    run_dir = Path(config.checkpoint.save_dir)
+    loop_state = load_checkpoint(run_dir / "checkpoints", student) if config.checkpoint.resume else None
+    loop_state = loop_state or {"step": 0, "data_position": 0}
+    sampler = PromptSampler(prompts, config.data.shuffle_seed, loop_state["data_position"])
+    student_engine, teacher_engine = _engines(config, topology, student, teacher)
+    eos = tokenizer.eos_token_id if tokenizer is not None else None
+    job = Job(config, topology, student, teacher, student_engine, teacher_engine, sampler, eos, run_dir)
+    return job, loop_state
+
+
+def _my_slice(items: list, groups) -> list:
+    per_rank = len(items) // groups.data_parallel
+    return items[groups.position.dp_rank * per_rank : (groups.position.dp_rank + 1) * per_rank]
+
+
+def _generate_everywhere(
+    engine, groups, requests: list[GenerationRequest], sampling
+) -> list[GenerationResult]:
+    """Each data-parallel replica generates its slice; the results are gathered so every rank has all."""
+    mine = engine.generate(_my_slice(requests, groups), sampling)
+    if groups.data_parallel == 1:
+        return mine
+    gathered = [None] * groups.data_parallel
+    dist.all_gather_object(gathered, mine, group=groups.dp_group)
+    return [result for part in gathered for result in part]
+
+
+def _sampling(job: Job, temperature: float, max_new_tokens: int, seed: int) -> SamplingParams:
+    r = job.config.rollout
+    stops = (job.eos_token_id,) if job.eos_token_id is not None else ()
+    return SamplingParams(temperature, r.top_p, r.top_k, max_new_tokens, stops, seed)
+
+
+def _requests(job: Job, step: int, prompts: list[Prompt]) -> list[GenerationRequest]:
+    """All rollouts of the step; the first ``guided`` samples of each prompt continue a teacher prefix."""
+    r = job.config.rollout
+    guided = guided_samples_per_prompt(r.samples_per_prompt, r.guided_fraction, r.guidance)
+    base = step * r.rollouts_per_step
+    plain = [
+        GenerationRequest(p.token_ids, base + i * r.samples_per_prompt + j)
+        for i, p in enumerate(prompts)
+        for j in range(r.samples_per_prompt)
+    ]
+    limit = max_prefix_length(step, job.config.train_steps, r.max_new_tokens, r.guidance_schedule)
+    if guided == 0 or limit == 0:
+        return plain
+    guided_rows = [i * r.samples_per_prompt + j for i in range(len(prompts)) for j in range(guided)]
+    teacher_sampling = _sampling(job, r.teacher_temperature, r.max_new_tokens, r.seed + 1)
+    teacher_out = _generate_everywhere(
+        job.teacher_engine, job.topology.teacher, [plain[row] for row in guided_rows], teacher_sampling
+    )
+    responses = [out.generated_token_ids for out in teacher_out]
+    lengths = draw_prefix_lengths(r.seed, step, [plain[row].sample_id for row in guided_rows],
+                                  [len(x) for x in responses], limit)  # fmt: skip
+    for row, response, length in zip(guided_rows, responses, lengths, strict=True):
+        plain[row] = GenerationRequest(
+            plain[row].prompt_token_ids, plain[row].sample_id, tuple(response[:length])
+        )
+    return plain
+
+
+def _truncate_to_budget(result: GenerationResult, max_new_tokens: int) -> GenerationResult:
+    """A guided rollout's own budget is ``max_new_tokens - prefix length``."""
+    budget = max_new_tokens - result.prefix_length
+    if len(result.generated_token_ids) <= budget:
+        return result
+    keep = result.prompt_length + result.prefix_length + budget
+    return GenerationResult(
+        result.token_ids[:keep], result.prompt_length, result.prefix_length,
+        result.generated_token_ids[:budget], result.generated_logprobs[:budget], False, result.sample_id,
+    )  # fmt: skip
+
+
+def rollout(job: Job, step: int) -> tuple[RolloutBatch, dict]:
+    """Generate the step's global rollout batch (identical on every rank) and its length statistics."""
+    r = job.config.rollout
+    prompts = job.sampler.next_batch(r.prompts_per_step)
+    requests = _requests(job, step, prompts)
+    sampling = _sampling(job, r.temperature, r.max_new_tokens, r.seed)
+    results = _generate_everywhere(job.student_engine, job.topology.student, requests, sampling)
+    results = [_truncate_to_budget(result, r.max_new_tokens) for result in results]
+    batch = to_rollout_batch(results, pad_token_id=0).to(default_device())
+    lengths = [len(x.generated_token_ids) + x.prefix_length for x in results]
+    prefix_tokens = sum(x.prefix_length for x in results)
+    stats = {
+        "response_length": sum(lengths) / len(lengths),
+        "prefix_share": prefix_tokens / max(sum(lengths), 1),
+    }
+    return batch, stats
+
+
+class StopRequest:
+    """Set by SIGUSR1 / SIGTERM (Slurm's warning before pre-emption or the time limit)."""
+
+    def __init__(self):
+        self.requested = False
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        logger.warning("signal %d: checkpointing at the end of this step, then exiting", signum)
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank was signalled (all ranks must stop at the same step)."""
+        flag = torch.tensor([int(self.requested)], device=default_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train_one_step(job: Job, step: int) -> dict:
+    """Rollout -> score -> trust draw -> (updates_per_batch) optimizer updates; returns the step's log."""
+    from megatron_tropd.teacher import ScoringSpec, score_batch
+    from megatron_tropd.training import batch_context, train_step
+
+    config = job.config
+    started = time.perf_counter()
+    batch, stats = rollout(job, step)
+    generated = time.perf_counter()
+    spec = ScoringSpec(
+        config.student.vocab_size, config.method.topk, config.method.name == "eopd",
+        config.optim.micro_batch_size, config.method.trust_seed,
+    )  # fmt: skip
+    scored = score_batch(
+        batch, job.student.model, job.topology.student, job.teacher, job.topology.teacher, spec, step
+    )
+    context = batch_context(config.method, scored, step, config.train_steps, job.topology.student)
+    scored_at = time.perf_counter()
+    for _ in range(config.optim.updates_per_batch):
+        result = train_step(job.student, scored, config.method, context)
+    trained = time.perf_counter()
+    tokens = int(batch.loss_mask.sum())
+    return {
+        "step": step, **result.metrics, "grad_norm": result.grad_norm, "lr": result.learning_rate, **stats,
+        "tokens_per_s/generate": tokens / (generated - started),
+        "tokens_per_s/score": tokens / (scored_at - generated),
+        "tokens_per_s/train": tokens / (trained - scored_at),
+    }  # fmt: skip
+
+
+class MetricsLog:
+    """Step metrics to the console (logging), a JSONL file and TensorBoard (when installed)."""
+
+    def __init__(self, job: Job):
+        self.active = dist.get_rank() == job.topology.student.pipeline_ranks[-1] and (
+            job.topology.student.position.dp_rank == 0 and job.topology.student.position.tp_rank == 0
+        )
+        self.writer = None
+        if not self.active:
+            return
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (job.run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        if job.config.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(job.run_dir / "tensorboard"))
+            except ImportError:
+                logger.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and name != "step":
+                    self.writer.add_scalar(name, value, record["step"])
+        keys = ("loss", "trust_fraction", "p_trust", "teacher_topk_mass", "grad_norm", "response_length")
+        logger.info(
+            "step %d  %s", record["step"], "  ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
+        )
+
+
+def _save(job: Job, step: int) -> None:
+    from megatron_tropd.checkpoint import save_checkpoint
+
+    loop_state = {"step": step, "data_position": job.sampler.position}
+    save_checkpoint(
+        job.run_dir / "checkpoints", step, job.student, loop_state, job.config.checkpoint.keep_last
+    )
+
+
+def run(config: RunConfig) -> list[dict]:
+    """Train ``config`` from its latest checkpoint (or from scratch) to ``config.train_steps``.
+
+    Returns the step records this process wrote (on the reporting rank; empty elsewhere).
+    """
+    from megatron_tropd.platform import shutdown_distributed
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # per-parameter listings at INFO
+    job, loop_state = setup(config)
+    stop, log, records = StopRequest(), MetricsLog(job), []
+    if log.active:
+        (job.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    try:
+        for step in range(loop_state["step"], config.train_steps):
+            record = train_one_step(job, step)
+            log.write(record)
+            if log.active:
+                records.append(record)
+            done, stopping = step + 1, stop.agreed()  # collective: every rank decides together
+            if stopping or done % config.checkpoint.save_interval == 0 or done == config.train_steps:
+                _save(job, done)
+            if stopping:
+                break
+    finally:
+        shutdown_distributed()
+    return records

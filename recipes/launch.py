@@ -1,0 +1,161 @@
+"""Launch a recipe with nemo-run: on Slurm (torchrun per node) or locally (torchrun on this machine).
+
+    python recipes/launch.py --recipe deepseek_math_tropd --executor slurm --account A --partition P \
+        [--container-image IMG] [--mount /lustre:/lustre] [--dryrun] [key=value ...]
+    python recipes/launch.py --recipe tiny_cpu --executor local [--nproc 2] [key=value ...]
+
+The task is ``run.Partial(megatron_tropd.train.launch, recipe=..., overrides=[...])``: every rank rebuilds
+the config from its name and validates it before training, exactly like ``python -m megatron_tropd.train``.
+The recipe is also validated here, at its intended world size, before anything is submitted.
+
+Requeue: the executor asks Slurm for ``--requeue`` and nemo-run requeues a job that exits non-zero up to
+``retries`` times; the run resumes from its latest periodic checkpoint. Signals are not used on this path
+(torchrun's agent does not forward SIGUSR1 to its workers): for checkpoint-on-preemption, use
+``slurm/tropd_8node.sh``, whose ranks are the trainer processes themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import nemo_run as run
+
+# Variables the paper recipes' ${VAR} paths use; forwarded to the job when set in the launching shell.
+FORWARDED_ENV = ("TROPD_RUN_DIR", "TROPD_DATA_DIR", "TROPD_MODELS_DIR")
+RANK_ENV = {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+
+
+def slurm_executor(
+    nodes: int,
+    gpus_per_node: int,
+    account: str,
+    partition: str,
+    time: str,
+    container_image: str | None,
+    mounts: Sequence[str],
+    job_dir: str,
+    env_vars: dict[str, str] | None = None,
+    retries: int = 3,
+) -> run.SlurmExecutor:
+    """One torchrun agent per node starting ``gpus_per_node`` ranks; exclusive nodes, requeue on failure."""
+    return run.SlurmExecutor(
+        account=account,
+        partition=partition,
+        nodes=nodes,
+        ntasks_per_node=gpus_per_node,  # with torchrun nemo-run turns this into --nproc-per-node
+        gpus_per_node=gpus_per_node,
+        time=time,
+        exclusive=True,
+        additional_parameters={"requeue": True},
+        retries=retries,
+        container_image=container_image,
+        container_mounts=list(mounts),
+        launcher="torchrun",
+        job_name_prefix="tropd-",
+        packager=run.Packager(),  # the code is on shared storage / in the image; no git archive needed
+        tunnel=run.LocalTunnel(job_dir=job_dir),
+        env_vars={**RANK_ENV, **(env_vars or {})},
+    )
+
+
+def local_executor(nproc: int, env_vars: dict[str, str] | None = None) -> run.LocalExecutor:
+    """``nproc`` ranks on this machine through torchrun (gloo on CPU): the CI and laptop path."""
+    return run.LocalExecutor(ntasks_per_node=nproc, launcher="torchrun", env_vars=dict(env_vars or {}))
+
+
+def training_task(recipe: str, overrides: Sequence[str]) -> run.Partial:
+    """The function every rank runs: build, validate, train (``megatron_tropd.train.launch``)."""
+    from megatron_tropd.train import launch
+
+    return run.Partial(launch, recipe=recipe, overrides=list(overrides))
+
+
+def render_sbatch(executor: run.SlurmExecutor, task: run.Partial, name: str, experiment_dir: str) -> str:
+    """The sbatch script nemo-run would submit, rendered without a cluster (``run.Experiment`` minus sbatch).
+
+    Like a real submission it writes the job's files (serialized task, sbatch script) under
+    ``experiment_dir``; the script refers to the task as ``/nemo_run/configs/<name>_fn_or_script``.
+    """
+    from nemo_run.run.torchx_backend.launcher import launch
+    from nemo_run.run.torchx_backend.packaging import package
+
+    executor.assign(f"tropd-{name}", experiment_dir, name, name)
+    app_def = package(name=name, fn_or_script=task, executor=executor, serialize_to_file=True)
+    _, info = launch(app_def, executor_name="slurm_tunnel", executor=executor, dryrun=True)
+    return info.request.materialize()
+
+
+def check_recipe(recipe: str, overrides: Sequence[str], world_size: int) -> None:
+    """Fail before submission if the recipe does not fit ``world_size`` ranks (``${VAR}`` left as is)."""
+    from megatron_tropd.train import build_config
+
+    build_config(recipe, overrides, {"WORLD_SIZE": str(world_size)}, strict_paths=False)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Launch a megatron_tropd recipe with nemo-run.")
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--executor", choices=("slurm", "local"), required=True)
+    parser.add_argument("--dryrun", action="store_true", help="print the job (sbatch script) and exit")
+    parser.add_argument("--nodes", type=int, default=8)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--nproc", type=int, default=2, help="local ranks")
+    parser.add_argument("--account", default=os.environ.get("SBATCH_ACCOUNT", ""))
+    parser.add_argument("--partition", default=os.environ.get("SBATCH_PARTITION", ""))
+    parser.add_argument("--time", default="04:00:00")
+    parser.add_argument("--container-image", default=os.environ.get("CONTAINER_IMAGE"))
+    parser.add_argument("--mount", action="append", default=[], help="src:dst, repeatable")
+    parser.add_argument("--job-dir", default=os.path.join(os.getcwd(), "nemo_run_jobs"))
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def build_executor(args: argparse.Namespace) -> tuple[run.Executor, int]:
+    """The executor asked for and the world size it gives."""
+    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    if args.executor == "local":
+        return local_executor(args.nproc, env_vars), args.nproc
+    if not args.account or not args.partition:
+        raise ValueError(
+            "--executor slurm needs --account and --partition (or SBATCH_ACCOUNT/SBATCH_PARTITION)"
+        )
+    executor = slurm_executor(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        account=args.account,
+        partition=args.partition,
+        time=args.time,
+        container_image=args.container_image,
+        mounts=args.mount,
+        job_dir=args.job_dir,
+        env_vars=env_vars,
+    )
+    return executor, args.nodes * args.gpus_per_node
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        executor, world_size = build_executor(args)
+        check_recipe(args.recipe, args.overrides, world_size)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    task = training_task(args.recipe, args.overrides)
+    if args.dryrun and isinstance(executor, run.SlurmExecutor):
+        print(render_sbatch(executor, task, args.recipe, args.job_dir))
+        return 0
+    with run.Experiment(f"tropd-{args.recipe}") as experiment:
+        experiment.add(task, executor=executor, name=args.recipe)
+        if args.dryrun:
+            experiment.dryrun()  # prints the rendered job (the sbatch script for Slurm); submits nothing
+        else:
+            experiment.run(sequential=True, detach=False, tail_logs=args.executor == "local")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

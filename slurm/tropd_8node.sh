@@ -1,0 +1,133 @@
+#!/bin/bash
+# Run a megatron_tropd recipe on 8 nodes x 8 GPUs (one rank per GPU, launched by srun).
+#
+#   export SBATCH_ACCOUNT=<account> SBATCH_PARTITION=<partition>     # or pass -A/-p to sbatch
+#   export TROPD_RUN_DIR=/shared/runs/deepseek_math_tropd TROPD_RECIPE=deepseek_math_tropd
+#   export TROPD_DATA_DIR=... TROPD_MODELS_DIR=...                    # used by the paper recipes' paths
+#   sbatch slurm/tropd_8node.sh [key=value ...]                       # or: bash slurm/tropd_8node.sh ...
+#
+# Optional: CONTAINER_IMAGE (pyxis/enroot) with CONTAINER_MOUNTS (comma-separated src:dst), TROPD_PYTHON,
+# TROPD_CODE_DIR (the repository; default: where sbatch was called), TROPD_SITE_ENV (sourced by env.sh).
+#
+# Preemption / time limit: Slurm sends USR1 to this script 300 s before the end (and TERM on preemption).
+# The script forwards USR1 to every rank through srun; the trainer's contract is to save a checkpoint at
+# the end of the current step and exit with status 0. The script then runs `scontrol requeue`, and the
+# requeued job resumes from the latest checkpoint in TROPD_RUN_DIR (checkpoint.resume is true by default).
+#
+#SBATCH --job-name=tropd
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@300
+#SBATCH --time=04:00:00
+set -euo pipefail
+
+fail() {  # a missing setting: say which and how to set it, exit 2 before anything starts
+    echo "tropd: error: $*" >&2
+    exit 2
+}
+
+require_env() {
+    local name
+    for name in "$@"; do
+        [[ -n "${!name:-}" ]] || fail "$name is not set; export $name=... (see the header of this script)"
+    done
+}
+
+submit() {  # called outside an allocation: check what sbatch needs, then submit this same script
+    require_env TROPD_RUN_DIR TROPD_RECIPE
+    local how="export it, or submit with: sbatch -A <account> -p <partition> $0"
+    [[ -n "${SBATCH_ACCOUNT:-}" ]] || fail "SBATCH_ACCOUNT is not set; $how"
+    [[ -n "${SBATCH_PARTITION:-}" ]] || fail "SBATCH_PARTITION is not set; $how"
+    TROPD_CODE_DIR="${TROPD_CODE_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+    export TROPD_CODE_DIR
+    mkdir -p "$TROPD_RUN_DIR/logs"
+    exec sbatch --export=ALL --output="$TROPD_RUN_DIR/logs/slurm-%j.out" "$0" "$@"
+}
+
+rendezvous_env() {  # the first node hosts torch.distributed's store; the port is unique per job id
+    # `|| true`: head exits after one line, so scontrol may die of SIGPIPE, which pipefail would make fatal.
+    MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1 || true)"
+    [[ -n "$MASTER_ADDR" ]] || fail "scontrol show hostnames '$SLURM_JOB_NODELIST' gave no host"
+    MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+    WORLD_SIZE="$SLURM_NTASKS"
+    export MASTER_ADDR MASTER_PORT WORLD_SIZE
+}
+
+container_flags() {  # pyxis/enroot flags, one per line, only when CONTAINER_IMAGE is set
+    [[ -n "${CONTAINER_IMAGE:-}" ]] || return 0
+    local mounts="$TROPD_RUN_DIR:$TROPD_RUN_DIR,$TROPD_CODE_DIR:$TROPD_CODE_DIR"
+    [[ -z "${CONTAINER_MOUNTS:-}" ]] || mounts="$mounts,$CONTAINER_MOUNTS"
+    printf '%s\n' "--container-image=$CONTAINER_IMAGE" "--container-mounts=$mounts" \
+        "--container-workdir=$TROPD_CODE_DIR"
+}
+
+# Each task turns its SLURM_* variables into torch.distributed's, then *execs* python so that the signals
+# srun forwards reach the trainer itself, not a shell.
+# shellcheck disable=SC2016  # expanded by each rank's bash, not here
+RANK_COMMAND='export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID" WORLD_SIZE="$SLURM_NTASKS"
+exec "${TROPD_PYTHON:-python}" -m megatron_tropd.train --recipe "$TROPD_RECIPE" "$@"'
+
+requeue_requested=0
+srun_pid=""
+
+on_preempt() {
+    echo "tropd: preemption/time-limit signal: asking the ranks to checkpoint (SIGUSR1)" >&2
+    requeue_requested=1
+    [[ -z "$srun_pid" ]] || kill -USR1 "$srun_pid" 2>/dev/null || true
+}
+
+launch_ranks() {
+    local flags=()
+    mapfile -t flags < <(container_flags)
+    mkdir -p "$TROPD_RUN_DIR/logs"
+    srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node="$SLURM_NTASKS_PER_NODE" \
+        --chdir="$TROPD_CODE_DIR" --output="$TROPD_RUN_DIR/logs/$SLURM_JOB_ID.rank%t.log" --open-mode=append \
+        "${flags[@]}" \
+        bash -c "$RANK_COMMAND" tropd-rank "$@" &
+    srun_pid=$!
+}
+
+wait_for_ranks() {  # `wait` returns early when a trapped signal arrives; keep waiting for srun itself
+    local status
+    while true; do
+        status=0
+        wait "$srun_pid" || status=$?
+        if ((status > 128)) && kill -0 "$srun_pid" 2>/dev/null; then
+            continue
+        fi
+        return "$status"
+    done
+}
+
+main() {
+    if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+        submit "$@"
+    fi
+    require_env TROPD_RUN_DIR TROPD_RECIPE SLURM_JOB_NODELIST SLURM_NNODES SLURM_NTASKS SLURM_NTASKS_PER_NODE
+    TROPD_CODE_DIR="${TROPD_CODE_DIR:-${SLURM_SUBMIT_DIR:-}}"
+    [[ -f "$TROPD_CODE_DIR/slurm/env.sh" ]] ||
+        fail "TROPD_CODE_DIR='$TROPD_CODE_DIR' is not the repository; submit from it or export TROPD_CODE_DIR"
+    export TROPD_CODE_DIR TROPD_RUN_DIR TROPD_RECIPE
+    # shellcheck source=slurm/env.sh
+    source "$TROPD_CODE_DIR/slurm/env.sh"
+    rendezvous_env
+    trap on_preempt USR1 TERM
+    echo "tropd: job $SLURM_JOB_ID: recipe $TROPD_RECIPE on $SLURM_NNODES nodes x $SLURM_NTASKS_PER_NODE" \
+        "ranks, master $MASTER_ADDR:$MASTER_PORT, run dir $TROPD_RUN_DIR" >&2
+    launch_ranks checkpoint.save_dir="$TROPD_RUN_DIR" "$@"
+    local status=0
+    wait_for_ranks || status=$?
+    if ((requeue_requested)); then
+        echo "tropd: ranks exited with status $status; requeueing job $SLURM_JOB_ID to resume" >&2
+        # Refused when the job is being cancelled (scancel also sends TERM): then it just ends.
+        scontrol requeue "$SLURM_JOB_ID" || echo "tropd: requeue refused; the job ends here" >&2
+        exit 0
+    fi
+    exit "$status"
+}
+
+main "$@"

@@ -1,0 +1,342 @@
+"""HF <-> Megatron conversion on tiny random HF models of every architecture (CPU, no downloads).
+
+One 2-rank gloo job (``conversion_worker``) converts each model at TP1, TP2 and PP2 and compares the Megatron
+logits with transformers' (fp32), exports each TP2 checkpoint back to HF (resharding to TP1 and un-padding
+the vocabulary on the way), and runs the ``--force`` and failing-rank scenarios. The parent process then
+checks the round trip bit for bit, loads the export with transformers, and runs the bad-input cases, which
+fail before any process group is needed.
+
+Tolerance: HF and Megatron compute the same fp32 math in a different order (fused QKV, TP-split matmuls,
+qk-norm), so logits agree to rounding: ``LOGITS_ATOL`` 2e-5 absolute on logits of std ~0.8 (measured
+<= 2.7e-6; exactly 0 for qwen2 and llama at TP1 and PP2). The round trip moves bits only (reshape,
+concat, pad, slice), so it is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_tropd.spawn import run_on_ranks
+
+ARCHITECTURES = ("qwen2", "qwen3", "llama")
+LAYOUTS = ((1, 1), (2, 1), (1, 2))  # (TP, PP) in a 2-rank job: TP1 runs as two data-parallel replicas
+LOGITS_ATOL = 2e-5
+EXPORT_SHARD_BYTES = 40_000  # forces several safetensors shards out of a ~0.2 MB model
+
+_COMMON = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 300,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+}
+HF_CONFIGS = {
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": False, "rope_theta": 10000.0}),  # q/k/v biases
+    "qwen3": ("Qwen3Config", {"tie_word_embeddings": True, "head_dim": 32, "rope_theta": 1e6}),  # qk norm
+    "llama": (
+        "LlamaConfig",
+        {
+            "tie_word_embeddings": False,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        },
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _save_tiny_hf_model(arch: str, directory: Path) -> None:
+    """A random HF model (every weight, bias and norm gain random, so no mapping error can hide) saved as
+    several safetensors shards with an index, plus a tokenizer side file."""
+    import transformers
+
+    class_name, extra = HF_CONFIGS[arch]
+    config = getattr(transformers, class_name)(**_COMMON, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    generator = torch.Generator().manual_seed(sum(map(ord, arch)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1.0 + 0.1 * noise if "norm" in name else 0.1 * noise)
+    model.save_pretrained(directory, safe_serialization=True, max_shard_size="60KB")
+    (directory / "tokenizer_config.json").write_text('{"model_max_length": 256}\n')
+
+
+def _all_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def _hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+def _with_bad_layer1_tensor(source: Path, target: Path) -> None:
+    """A copy of ``source`` whose layer-1 down_proj has the wrong shape: only PP stage 1 can notice."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(source, target)
+    tensors = _all_tensors(target)
+    for path in target.glob("model*.safetensors*"):
+        path.unlink()
+    tensors["model.layers.1.mlp.down_proj.weight"] = torch.zeros(64, 80)
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _error_of(fn, *args, **kwargs) -> str | None:
+    try:
+        fn(*args, **kwargs)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The 2-rank job
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _force_scenarios(root: Path) -> dict:
+    """--force replaces a complete output; a conversion failing on one rank leaves the old output alone."""
+    import torch.distributed as dist
+
+    from megatron_tropd.hf import convert
+
+    replaced, kept = root / "replaced", root / "kept"
+    if dist.get_rank() == 0:
+        for directory in (replaced, kept):
+            directory.mkdir()
+            (directory / "old.txt").write_text("old\n")
+    dist.barrier()
+    convert.hf_to_megatron(root / "qwen2" / "hf", replaced, 1, 1, force=True)
+    error = _error_of(convert.hf_to_megatron, root / "bad-layer1", kept, 1, 2, force=True)
+    dist.barrier()
+    return {"replaced": sorted(p.name for p in replaced.iterdir()), "failed_rank_error": error}
+
+
+def conversion_worker(rank: int, world_size: int, root: Path) -> dict:
+    from megatron_tropd.hf import convert
+
+    results = {}
+    for arch in ARCHITECTURES:
+        hf_dir = root / arch / "hf"
+        for tp, pp in LAYOUTS:
+            out = root / arch / f"megatron-tp{tp}pp{pp}"  # what `convert.py import --verify` runs per rank:
+            results[(arch, tp, pp)] = convert.import_job(rank, world_size, hf_dir, out, tp, pp, False, True)
+        convert.megatron_to_hf(
+            root / arch / "megatron-tp2pp1", root / arch / "export", max_shard_bytes=EXPORT_SHARD_BYTES
+        )
+    results["force"] = _force_scenarios(root)
+    return results
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("convert")
+    for arch in ARCHITECTURES:
+        _save_tiny_hf_model(arch, root / arch / "hf")
+    _with_bad_layer1_tensor(root / "qwen2" / "hf", root / "bad-layer1")
+    results = run_on_ranks(conversion_worker, 2, root)
+    assert results[0].keys() == results[1].keys()
+    return root, results[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parity and round trip
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: f"tp{layout[0]}pp{layout[1]}")
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_megatron_logits_match_transformers(converted, arch, layout):
+    _, results = converted
+    comparison = results[(arch, *layout)]
+    assert comparison.logits_std > 0.1, "degenerate logits would make the comparison vacuous"
+    assert comparison.max_abs_diff < LOGITS_ATOL, comparison
+    assert comparison.top1_agreement == 1.0, comparison
+    print(f"{arch} TP{layout[0]}xPP{layout[1]}: {comparison}")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_round_trip_is_bit_identical_and_loads_in_transformers(converted, arch):
+    root, _ = converted
+    source, exported = root / arch / "hf", root / arch / "export"
+    original, round_tripped = _all_tensors(source), _all_tensors(exported)
+    assert original.keys() == round_tripped.keys()
+    for name, tensor in original.items():
+        assert round_tripped[name].dtype == tensor.dtype, name
+        assert torch.equal(round_tripped[name], tensor), name
+    index = json.loads((exported / "model.safetensors.index.json").read_text())
+    shard_files = sorted(set(index["weight_map"].values()))
+    assert len(shard_files) > 1 and shard_files[0].endswith(f"-of-{len(shard_files):05d}.safetensors")
+    assert sorted(p.name for p in exported.glob("*.safetensors")) == shard_files
+    assert (exported / "tokenizer_config.json").read_text() == (source / "tokenizer_config.json").read_text()
+    tokens = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(_hf_logits(exported, tokens), _hf_logits(source, tokens))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_exported_config_matches_the_source(converted, arch):
+    from transformers import AutoConfig
+
+    root, _ = converted
+    source = AutoConfig.from_pretrained(root / arch / "hf").to_dict()
+    exported = AutoConfig.from_pretrained(root / arch / "export").to_dict()
+    for key in (*_COMMON, "architectures", "tie_word_embeddings", "head_dim", "rope_parameters", "dtype"):
+        assert exported.get(key) == source.get(key), key
+
+
+def test_import_writes_config_and_tokenizer_files(converted):
+    root, _ = converted
+    out = root / "qwen3" / "megatron-tp2pp1"
+    model_config = json.loads((out / "model_config.json").read_text())
+    assert model_config["architecture"] == "qwen3" and model_config["tie_word_embeddings"] is True
+    assert json.loads((out / "hf_config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    assert (out / "tokenizer_config.json").is_file()
+    assert not [p.name for p in root.glob(".*converting*")], "a staging directory was left behind"
+
+
+def test_force_replaces_and_a_failing_rank_keeps_the_old_output(converted):
+    root, results = converted
+    assert "old.txt" not in results["force"]["replaced"]
+    assert "model_config.json" in results["force"]["replaced"]
+    error = results["force"]["failed_rank_error"]
+    # rank 0 (stage 0) loaded fine; it raises rank 1's error
+    assert error is not None and error.startswith("on rank 1:") and "down_proj" in error, error
+    assert (root / "kept" / "old.txt").read_text() == "old\n"
+    assert sorted(p.name for p in (root / "kept").iterdir()) == ["old.txt"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input (refused before any process group is touched)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def hf_copy(converted, tmp_path) -> Path:
+    root, _ = converted
+    copy = tmp_path / "hf"
+    shutil.copytree(root / "llama" / "hf", copy)
+    return copy
+
+
+def test_unsupported_architecture_lists_the_supported_ones(hf_copy, tmp_path):
+    from megatron_tropd.hf.convert import hf_to_megatron
+
+    config = json.loads((hf_copy / "config.json").read_text())
+    config["architectures"] = ["MistralForCausalLM"]
+    (hf_copy / "config.json").write_text(json.dumps(config))
+    error = _error_of(hf_to_megatron, hf_copy, tmp_path / "out")
+    assert "MistralForCausalLM" in error and "Qwen2ForCausalLM" in error and "LlamaForCausalLM" in error
+
+
+def test_missing_shard_is_named(hf_copy, tmp_path):
+    from megatron_tropd.hf.convert import hf_to_megatron
+
+    shard = sorted(hf_copy.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    error = _error_of(hf_to_megatron, hf_copy, tmp_path / "out")
+    assert str(shard) in error and "missing" in error
+
+
+def test_truncated_shard_is_named(hf_copy, tmp_path):
+    from megatron_tropd.hf.convert import hf_to_megatron
+
+    shard = sorted(hf_copy.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    error = _error_of(hf_to_megatron, hf_copy, tmp_path / "out")
+    assert str(shard) in error and "truncated" in error
+
+
+def test_tensor_parallel_must_divide_heads_and_groups(hf_copy, tmp_path):
+    from megatron_tropd.hf.convert import hf_to_megatron
+
+    error = _error_of(hf_to_megatron, hf_copy, tmp_path / "out", 3, 1)
+    assert "not divisible by tensor_parallel=3" in error and "{1, 2}" in error
+
+
+def test_existing_output_needs_force(converted, hf_copy):
+    from megatron_tropd.hf.convert import hf_to_megatron, megatron_to_hf
+
+    root, _ = converted
+    existing = root / "llama" / "megatron-tp1pp1"
+    assert "--force" in _error_of(hf_to_megatron, hf_copy, existing)
+    assert "--force" in _error_of(megatron_to_hf, existing, root / "llama" / "export")
+    assert "is the input directory" in _error_of(hf_to_megatron, hf_copy, hf_copy, force=True)
+
+
+def test_missing_tensor_and_export_of_a_non_checkpoint_are_named(hf_copy, tmp_path):
+    from megatron_tropd.hf.convert import hf_to_megatron, megatron_to_hf
+
+    config = json.loads((hf_copy / "config.json").read_text())
+    config["num_hidden_layers"] = 3  # the weights hold 2 layers
+    (hf_copy / "config.json").write_text(json.dumps(config))
+    error = _error_of(hf_to_megatron, hf_copy, tmp_path / "out")
+    assert "model.layers.2." in error and "config" in error
+    assert "tropd_checkpoint.json" in _error_of(megatron_to_hf, hf_copy, tmp_path / "out")
+
+
+def _load_cli():
+    import importlib.util
+
+    cli_path = Path(__file__).parents[1] / "tools" / "convert.py"
+    spec = importlib.util.spec_from_file_location("convert_cli", cli_path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def test_cli_reports_bad_input_without_starting_ranks(converted, capsys):
+    root, _ = converted
+    cli = _load_cli()
+    hf_dir, existing = root / "qwen2" / "hf", root / "qwen2" / "megatron-tp1pp1"
+    assert cli.main(["import", "--hf-dir", str(hf_dir), "--out", str(existing)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert cli.main(["import", "--hf-dir", str(hf_dir), "--out", str(root / "x"), "--tp", "4"]) == 2
+    assert "tensor_parallel=4" in capsys.readouterr().err
+
+
+def test_cli_export_with_verify_and_its_failure_exit(converted, tmp_path, capsys):
+    """End to end through the CLI (it spawns its own rank); the import side runs the same ``import_job``
+    in ``conversion_worker``. An impossible --verify-atol must fail with exit status 1."""
+    from megatron_tropd.hf.convert import LogitsComparison
+
+    root, _ = converted
+    cli = _load_cli()
+    hf_dir = tmp_path / "hf"
+    argv = ["export", "--ckpt-dir", str(root / "qwen3" / "megatron-tp1pp2"), "--out", str(hf_dir), "--verify"]
+    assert cli.main(argv) == 0
+    assert "top-1 agreement 100.00%" in capsys.readouterr().out
+    original, exported = _all_tensors(root / "qwen3" / "hf"), _all_tensors(hf_dir)
+    assert original.keys() == exported.keys()
+    assert all(torch.equal(exported[name], tensor) for name, tensor in original.items())
+    worse = LogitsComparison(max_abs_diff=2e-3, top1_agreement=1.0, logits_std=1.0, num_positions=32)
+    assert cli._report(worse, cli.DEFAULT_VERIFY_ATOL) == 1
+    assert "FAILED" in capsys.readouterr().err

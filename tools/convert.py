@@ -1,0 +1,111 @@
+"""Convert checkpoints between Hugging Face (safetensors) and Megatron (dist-checkpoint), any TP/PP.
+
+    python tools/convert.py import --hf-dir HF_DIR --out CKPT_DIR [--tp 2] [--pp 2] [--force] [--verify]
+    python tools/convert.py export --ckpt-dir CKPT_DIR --out HF_DIR [--dtype bfloat16] [--force] [--verify]
+
+Run as is, it spawns TP x PP local gloo/NCCL ranks itself (export uses one); under ``torchrun`` it uses the
+launcher's ranks (a multiple of TP x PP). ``--verify`` runs the HF model (transformers, fp32) and the
+Megatron model on the same fixed tokens and fails (exit 1) when the max |logit difference| exceeds
+``--verify-atol``. Bad input is reported before any rank starts (exit 2). Needs the package importable
+(``pip install -e .`` or ``PYTHONPATH=.``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+logger = logging.getLogger("convert")
+
+DEFAULT_VERIFY_ATOL = 1e-3
+"""fp32 on both sides differs by ~1e-6 on the tiny test models; 1e-3 leaves room for deep, wide models."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_megatron = commands.add_parser("import", help="HF checkpoint -> Megatron weights on a TP x PP layout")
+    to_megatron.add_argument("--hf-dir", required=True, help="HF directory: config.json + *.safetensors")
+    to_megatron.add_argument("--tp", type=int, default=1, help="tensor-parallel size to convert for")
+    to_megatron.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to convert for")
+    to_hf = commands.add_parser("export", help="Megatron weights (any layout) -> HF safetensors checkpoint")
+    to_hf.add_argument("--ckpt-dir", required=True, help="Megatron weights, a step directory or a run root")
+    to_hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the source's")
+    for sub in (to_megatron, to_hf):
+        sub.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
+        sub.add_argument("--force", action="store_true", help="replace an existing output directory")
+        sub.add_argument("--verify", action="store_true", help="compare HF and Megatron logits afterwards")
+        sub.add_argument("--verify-atol", type=float, default=DEFAULT_VERIFY_ATOL, help="max |logit diff|")
+    return parser
+
+
+def _check_inputs(args: argparse.Namespace) -> int:
+    """World size of the job; raises ValueError on bad input before any process starts."""
+    from megatron_tropd.hf import convert
+
+    if args.command == "import":
+        convert.check_import_inputs(args.hf_dir, args.out, args.tp, args.pp, args.force)
+        return args.tp * args.pp
+    convert.check_export_inputs(args.ckpt_dir, args.out, args.force, args.dtype)
+    return 1
+
+
+def _job(args: argparse.Namespace):
+    """(per-rank function, its arguments after (rank, world_size))."""
+    from megatron_tropd.hf import convert
+
+    if args.command == "import":
+        return convert.import_job, (args.hf_dir, args.out, args.tp, args.pp, args.force, args.verify)
+    return convert.export_job, (args.ckpt_dir, args.out, args.force, args.dtype, args.verify)
+
+
+def _run(args: argparse.Namespace, world_size: int):
+    """The job's result: on the torchrun ranks when launched so, else on ``world_size`` spawned ranks."""
+    job, job_args = _job(args)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun / srun
+        from megatron_tropd.platform import init_distributed, shutdown_distributed
+
+        info = init_distributed()
+        try:
+            return job(info.rank, info.world_size, *job_args)
+        finally:
+            shutdown_distributed()
+    from megatron_tropd.spawn import run_on_ranks
+
+    return run_on_ranks(job, world_size, *job_args)[0]
+
+
+def _report(comparison, atol: float) -> int:
+    print(
+        f"max |logit diff| = {comparison.max_abs_diff:.3g} (HF logits std {comparison.logits_std:.3g}); "
+        f"top-1 agreement {comparison.top1_agreement:.2%} over {comparison.num_positions} positions"
+    )
+    if comparison.max_abs_diff > atol:
+        print(
+            f"FAILED: max |logit diff| {comparison.max_abs_diff:.3g} > --verify-atol {atol:g}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Returns the exit status: 0 done (and verified), 1 verification failed, 2 bad input."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        world_size = _check_inputs(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    comparison = _run(args, world_size)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun every rank returns the same result: rank 0 reports it
+    print(f"wrote {args.out}")
+    return _report(comparison, args.verify_atol) if comparison is not None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
