@@ -340,3 +340,42 @@ def test_cli_export_with_verify_and_its_failure_exit(converted, tmp_path, capsys
     worse = LogitsComparison(max_abs_diff=2e-3, top1_agreement=1.0, logits_std=1.0, num_positions=32)
     assert cli._report(worse, cli.DEFAULT_VERIFY_ATOL) == 1
     assert "FAILED" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trainer loads a converted teacher
+# ---------------------------------------------------------------------------------------------------------
+
+
+def trainer_teacher_worker(rank: int, world_size: int, teacher_dir: Path, tokens: torch.Tensor) -> dict:
+    """Set up the tiny recipe's job with the converted model as its teacher and score ``tokens``."""
+    import dataclasses
+
+    from megatron_tropd.batch import RolloutBatch
+    from megatron_tropd.hf.convert import read_megatron_config
+    from megatron_tropd.teacher import ScoringSpec, score_batch
+    from megatron_tropd.trainer import setup
+    from recipes import get_recipe
+
+    _, teacher_config = read_megatron_config(teacher_dir)
+    config = get_recipe("tiny_cpu")
+    checkpoint = dataclasses.replace(config.checkpoint, teacher=str(teacher_dir), resume=False)
+    config = dataclasses.replace(config, teacher=teacher_config, checkpoint=checkpoint)
+    job, _ = setup(config)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    batch = RolloutBatch(tokens, mask, torch.zeros_like(mask), torch.arange(tokens.shape[0]))
+    spec = ScoringSpec(300, 4, False, 1, 0)
+    scored = score_batch(
+        batch, job.student.model, job.topology.student, job.teacher, job.topology.teacher, spec, 0
+    )
+    return {"rows": job.topology.student.position.dp_rank, "lp_teacher": scored.lp_teacher}
+
+
+def test_trainer_scores_with_a_converted_teacher(converted):
+    root, _ = converted
+    tokens = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(5))
+    results = run_on_ranks(trainer_teacher_worker, 2, root / "qwen2" / "megatron-tp1pp1", tokens)
+    lp_teacher = torch.cat([r["lp_teacher"] for r in sorted(results, key=lambda r: r["rows"])])
+    expected = torch.log_softmax(_hf_logits(root / "qwen2" / "hf", tokens), -1)[:, :-1]
+    expected = expected.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(lp_teacher[:, :-1], expected, atol=LOGITS_ATOL, rtol=0)
