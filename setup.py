@@ -32,10 +32,13 @@ setup(
         "matplotlib",  # eval: the comparison bar chart of write_report
         "jinja2",  # data: chat templates
         "tokenizers",  # data: Hugging Face tokenizer.json files
+        "safetensors",  # hf: streaming HF checkpoints tensor by tensor
     ],
     extras_require={
         # nemo-run is in dev too so CI tests the launcher (recipes/launch.py) and its sbatch golden file.
-        "dev": ["pytest", "pytest-timeout", "ruff", "nemo-run==0.11.1", "leptonai<0.47"],
+        # transformers: the HF side of the conversion tests and of `tools/convert.py --verify`.
+        "dev": ["pytest", "pytest-timeout", "ruff", "nemo-run==0.11.1", "leptonai<0.47", "transformers"],
+        "convert": ["transformers"],
         # nemo-run 0.11.1 does not import with leptonai>=0.47 (no leptonai.api.v1).
         "launch": ["nemo-run==0.11.1", "leptonai<0.47"],
         # transformer-engine and NVIDIA apex are not pip-installable here (apex is not on PyPI; the TE
