@@ -121,13 +121,15 @@ def _fused(kernel):
 
 @_fused
 def _chunk_stats(z: torch.Tensor, dtype: torch.dtype, with_entropy: bool):
-    """``(m_r, s_r, e_r)`` of one chunk ``[C, V_valid]``. -inf logits are clamped to a finite value whose
-    exp is exactly 0, so that ``0 * log-term`` stays 0 instead of NaN in the entropy moment."""
+    """``(m_r, s_r, e_r)`` of one chunk ``[C, V_valid]`` with two chunk-sized buffers (in-place on
+    intermediates: eager CPU runs allocate less, and compilation fuses them anyway). -inf logits are
+    clamped to a finite value whose exp is exactly 0, so ``0 * log-term`` stays 0 instead of NaN."""
     local_max = z.max(-1, keepdim=True).values.to(dtype)
-    shifted = (z.to(dtype) - torch.where(torch.isfinite(local_max), local_max, 0.0)).clamp_min(_LOG_ZERO)
+    shifted = torch.sub(z, torch.where(torch.isfinite(local_max), local_max, 0.0)).clamp_min_(_LOG_ZERO)
     weights = shifted.exp()
-    entropy_part = (weights * shifted).sum(-1) if with_entropy else torch.zeros_like(local_max.squeeze(-1))
-    return local_max.squeeze(-1), weights.sum(-1), entropy_part
+    sum_exp = weights.sum(-1)
+    entropy_part = weights.mul_(shifted).sum(-1) if with_entropy else torch.zeros_like(sum_exp)
+    return local_max.squeeze(-1), sum_exp, entropy_part
 
 
 def _local_stats(logits: torch.Tensor, shard: VocabShard, with_entropy: bool, chunk_tokens: int | None):
@@ -210,13 +212,17 @@ def _gather_logits_at(logits: torch.Tensor, ids: torch.Tensor, shard: VocabShard
 def _chunk_grad(z, lse, entropy, grad_sum, grad_entropy):
     """d/dz of ``sum_i g_i lp(id_i) + g_H H`` for one chunk ``[C, V_valid]``, without the one-hot part.
 
-    ``d lp(v)/dz_j = 1[j = v] - p_j`` and ``dH/dz_j = -p_j (lp_j + H)``.
+    ``d lp(v)/dz_j = 1[j = v] - p_j`` and ``dH/dz_j = -p_j (lp_j + H)``. Two chunk-sized buffers: the
+    log-probs (turned in place into the per-column coefficient) and the probabilities (into the gradient).
     """
-    log_p = (z.to(lse.dtype) - lse.unsqueeze(-1)).clamp_min(_LOG_ZERO)  # exp(_LOG_ZERO) == 0 exactly
-    coefficient = grad_sum.unsqueeze(-1)
-    if grad_entropy is not None:
-        coefficient = coefficient + grad_entropy.unsqueeze(-1) * (log_p + entropy.unsqueeze(-1))
-    return -log_p.exp() * coefficient
+    log_p = torch.sub(z, lse.unsqueeze(-1)).clamp_min_(_LOG_ZERO)  # exp(_LOG_ZERO) == 0 exactly
+    grad = log_p.exp()
+    if grad_entropy is None:
+        return grad.mul_(-grad_sum.unsqueeze(-1))
+    coefficient = (
+        log_p.add_(entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1)).add_(grad_sum.unsqueeze(-1))
+    )
+    return grad.mul_(coefficient).neg_()
 
 
 def _write_grad_chunk(out, z, lse, entropy, grad_sum, grad_entropy, onehot_index, grad_onehot):
