@@ -244,10 +244,21 @@ def build_gpt_model(
     # Megatron allocates its linear layers on the GPU but the torch norms on the default (CPU) device, and
     # leaves the move to the caller (megatron-lm's get_model does model.cuda()); a no-op on CPU.
     model.to(default_device())
+    _cast_parameters(model, dtype)
     mark_tensor_parallel_parameters(model)
     if seed is not None:
         initialize_weights(model, seed, vocab_size=model_config.vocab_size)
     return model
+
+
+def _cast_parameters(model: GPTModel, dtype: torch.dtype) -> None:
+    """Give every parameter ``params_dtype``: the torch norms ignore it and stay fp32, and Megatron's
+    mixed-precision optimizer pairs bf16 model params with fp32 main params by position, so one stray
+    fp32 parameter misaligns its whole checkpoint state (megatron-lm's ``Float16Module`` does the same
+    cast). Buffers (rotary frequencies) keep their precision."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
 
 
 def mark_tensor_parallel_parameters(model: GPTModel) -> None:
