@@ -42,8 +42,8 @@ def synthetic_batch(num_sequences: int, seq_len: int, vocab_size: int, step: int
 def _build(args, tensor_parallel):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_tropd.models import build_gpt_model
     from megatron_tropd.platform import enable_cpu_mode
+    from megatron_tropd.teacher import build_teacher
     from megatron_tropd.topology import ParallelLayout, build_topology
     from megatron_tropd.training import build_student
 
@@ -54,13 +54,7 @@ def _build(args, tensor_parallel):
     student_config, teacher_config = getattr(shapes, args.student)(), getattr(shapes, args.teacher)()
     optim = OptimConfig(micro_batch_size=args.micro_batch_size)
     student = build_student(student_config, optim, topology.student, total_steps=args.steps + 1, seed=1)
-    groups = topology.teacher
-    teacher = build_gpt_model(
-        teacher_config, groups.pg_collection, pre_process=groups.is_first_stage,
-        post_process=groups.is_last_stage, tensor_parallel_size=tensor_parallel, pipeline_parallel_size=1,
-        seed=2,
-    )  # fmt: skip
-    teacher.requires_grad_(False).eval()
+    teacher = build_teacher(teacher_config, topology.teacher, seed=2)
     return topology, student, teacher, student_config
 
 

@@ -245,10 +245,9 @@ class ParallelConfig:
     """Teacher pipeline stages."""
 
     def validate(self) -> None:
-        for name in ("student_tensor_parallel", "student_pipeline_parallel"):
-            _check_int(f"parallel.{name}", getattr(self, name), 1, "a model-parallel size")
-        for name in ("teacher_tensor_parallel", "teacher_pipeline_parallel"):
-            _check_int(f"parallel.{name}", getattr(self, name), 1, "a model-parallel size")
+        for who in ("student", "teacher"):
+            for name in (f"{who}_tensor_parallel", f"{who}_pipeline_parallel"):
+                _check_int(f"parallel.{name}", getattr(self, name), 1, "a model-parallel size")
 
     def check_world_size(self, world_size: int) -> None:
         """Both layouts must tile the job; the error lists the sizes that would."""

@@ -28,6 +28,22 @@ from megatron_tropd.topology import ModelGroups, grid_position
 SignalFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
+def build_teacher(model_config, groups: ModelGroups, *, seed: int, checkpoint: str = "") -> torch.nn.Module:
+    """This rank's frozen teacher stage on its own layout: weights read-only from ``checkpoint`` when
+    given (else drawn from ``seed``), no gradients, eval mode; the optimizer never sees it."""
+    from megatron_tropd.checkpoint import load_model_weights
+    from megatron_tropd.models import build_gpt_model
+
+    teacher = build_gpt_model(
+        model_config, groups.pg_collection, pre_process=groups.is_first_stage,
+        post_process=groups.is_last_stage, tensor_parallel_size=groups.layout.tensor_parallel,
+        pipeline_parallel_size=groups.layout.pipeline_parallel, seed=None if checkpoint else seed,
+    )  # fmt: skip
+    if checkpoint:
+        load_model_weights(checkpoint, teacher, model_config)
+    return teacher.requires_grad_(False).eval()
+
+
 def data_parallel_rows(num_rows: int, data_parallel: int, dp_rank: int) -> slice:
     """The contiguous rows of the global batch that data-parallel rank ``dp_rank`` owns."""
     if num_rows % data_parallel:

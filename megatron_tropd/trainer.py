@@ -30,6 +30,7 @@ from megatron_tropd.rollout.engine import (
     SamplingParams,
     to_rollout_batch,
 )
+from megatron_tropd.teacher import data_parallel_rows
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def _build_models(config: RunConfig):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_tropd.checkpoint import load_model_weights
-    from megatron_tropd.models import build_gpt_model
+    from megatron_tropd.teacher import build_teacher
     from megatron_tropd.topology import ParallelLayout, build_topology
     from megatron_tropd.training import build_student
 
@@ -66,16 +67,9 @@ def _build_models(config: RunConfig):
     student = build_student(config.student, config.optim, topology.student, config.train_steps, config.seed)
     if config.checkpoint.student_init:
         load_model_weights(config.checkpoint.student_init, student.module, config.student)
-    groups = topology.teacher
-    teacher = build_gpt_model(
-        config.teacher, groups.pg_collection, pre_process=groups.is_first_stage,
-        post_process=groups.is_last_stage, tensor_parallel_size=groups.layout.tensor_parallel,
-        pipeline_parallel_size=groups.layout.pipeline_parallel,
-        seed=None if config.checkpoint.teacher else config.seed + 1,
-    )  # fmt: skip
-    if config.checkpoint.teacher:
-        load_model_weights(config.checkpoint.teacher, teacher, config.teacher)
-    teacher.requires_grad_(False).eval()
+    teacher = build_teacher(
+        config.teacher, topology.teacher, seed=config.seed + 1, checkpoint=config.checkpoint.teacher
+    )
     return topology, student, teacher
 
 
@@ -118,16 +112,12 @@ def setup(config: RunConfig) -> tuple[Job, dict]:
     return job, loop_state
 
 
-def _my_slice(items: list, groups) -> list:
-    per_rank = len(items) // groups.data_parallel
-    return items[groups.position.dp_rank * per_rank : (groups.position.dp_rank + 1) * per_rank]
-
-
 def _generate_everywhere(
     engine, groups, requests: list[GenerationRequest], sampling
 ) -> list[GenerationResult]:
     """Each data-parallel replica generates its slice; the results are gathered so every rank has all."""
-    mine = engine.generate(_my_slice(requests, groups), sampling)
+    rows = data_parallel_rows(len(requests), groups.data_parallel, groups.position.dp_rank)
+    mine = engine.generate(requests[rows], sampling)
     if groups.data_parallel == 1:
         return mine
     gathered = [None] * groups.data_parallel
@@ -252,9 +242,8 @@ class MetricsLog:
     """Step metrics to the console (logging), a JSONL file and TensorBoard (when installed)."""
 
     def __init__(self, job: Job):
-        self.active = dist.get_rank() == job.topology.student.pipeline_ranks[-1] and (
-            job.topology.student.position.dp_rank == 0 and job.topology.student.position.tp_rank == 0
-        )
+        groups = job.topology.student
+        self.active = groups.is_last_stage and groups.position.dp_rank == 0 and groups.position.tp_rank == 0
         self.writer = None
         if not self.active:
             return

@@ -6,9 +6,9 @@ import torch
 
 from megatron_tropd.batch import RolloutBatch
 from megatron_tropd.config import MethodConfig, OptimConfig
-from megatron_tropd.models import build_gpt_model, tiny
+from megatron_tropd.models import tiny
 from megatron_tropd.platform import enable_cpu_mode
-from megatron_tropd.teacher import ScoringSpec, score_batch
+from megatron_tropd.teacher import ScoringSpec, build_teacher, score_batch
 from megatron_tropd.topology import ParallelLayout, build_topology
 from megatron_tropd.training import batch_context, build_student, train_step
 
@@ -47,13 +47,7 @@ def setup_models(student_layout, teacher_layout, optim: OptimConfig, total_steps
     topology = build_topology(ParallelLayout(*student_layout), ParallelLayout(*teacher_layout))
     model_parallel_cuda_manual_seed(1234)
     student = build_student(student_config(), optim, topology.student, total_steps, STUDENT_SEED)
-    t = topology.teacher
-    teacher = build_gpt_model(
-        teacher_config(), t.pg_collection, pre_process=t.is_first_stage, post_process=t.is_last_stage,
-        tensor_parallel_size=t.layout.tensor_parallel, pipeline_parallel_size=t.layout.pipeline_parallel,
-        seed=TEACHER_SEED,
-    )  # fmt: skip
-    teacher.requires_grad_(False).eval()
+    teacher = build_teacher(teacher_config(), topology.teacher, seed=TEACHER_SEED)
     return topology, student, teacher
 
 
