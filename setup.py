@@ -26,7 +26,7 @@ setup(
         "megatron-core>=0.16.1,<0.20",
         "numpy",
         "psutil",  # dist-checkpointing's writer processes need it (megatron-core does not declare it)
-        "tqdm",  # megatron's inference engines need it (undeclared as well)
+        "tqdm",  # the loop's progress bar; megatron's inference engines need it too (undeclared)
         "sentencepiece",
         "math-verify",  # eval: symbolic equivalence of math answers (a sympy fallback exists without it)
         "matplotlib",  # eval: the comparison bar chart of write_report
@@ -37,8 +37,21 @@ setup(
     extras_require={
         # nemo-run is in dev too so CI tests the launcher (recipes/launch.py) and its sbatch golden file.
         # transformers: the HF side of the conversion tests and of `tools/convert.py --verify`.
-        "dev": ["pytest", "pytest-timeout", "ruff", "nemo-run==0.11.1", "leptonai<0.47", "transformers"],
+        # lm-eval: so CI runs the lm-eval adapter's tests (tests/test_lm_eval.py).
+        "dev": [
+            "pytest",
+            "pytest-timeout",
+            "ruff",
+            "nemo-run==0.11.1",
+            "leptonai<0.47",
+            "transformers",
+            "lm-eval==0.4.13",
+        ],
         "convert": ["transformers"],
+        # megatron_tropd.eval.lm_eval_adapter: a checkpoint as an lm-evaluation-harness model.
+        "lmeval": ["lm-eval==0.4.13"],
+        # Weights & Biases logging (logging.wandb_project); without it a configured project fails at start.
+        "wandb": ["wandb"],
         # nemo-run 0.11.1 does not import with leptonai>=0.47 (no leptonai.api.v1).
         "launch": ["nemo-run==0.11.1", "leptonai<0.47"],
         # transformer-engine and NVIDIA apex are not pip-installable here (apex is not on PyPI; the TE

@@ -37,15 +37,21 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from megatron_tropd.demo import smoke  # imports torch and the ops: only when the demo is asked for
+    from megatron_tropd.demo import run  # imports torch and Megatron: only when the demo is asked for
 
-    return smoke.main(args.argv) or 0
+    return run.main(args.argv) or 0
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from megatron_tropd import train  # config only; torch loads once the config has been checked
 
     return train.main(args.argv)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from megatron_tropd.eval import command  # imports torch and Megatron: only when asked for
+
+    return command.main(args.argv)
 
 
 def _run_version(args: argparse.Namespace) -> int:
@@ -62,9 +68,15 @@ def _run_version(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(
-        help="run the built-in CPU demo (2 gloo ranks); `tropd demo --help` for its options",
+        help="distil a student on the built-in task on 2 CPU processes (~10 min); `tropd demo --help`",
         add_arguments=_no_arguments,
         run=_run_demo,
+        forwards_argv=True,
+    ),
+    "eval": Command(
+        help="evaluate a checkpoint on benchmarks, or --compare earlier results (`tropd eval --help`)",
+        add_arguments=_no_arguments,
+        run=_run_eval,
         forwards_argv=True,
     ),
     "train": Command(

@@ -332,9 +332,6 @@ class DataConfig:
     train_prompts: str = ""
     """JSONL or parquet prompt file (see ``megatron_tropd.data`` for the schema)."""
 
-    eval_prompts: str = ""
-    """Held-out prompts with reference answers, for in-training evaluation (optional)."""
-
     tokenizer: str = ""
     """A Hugging Face tokenizer directory or a sentencepiece ``.model`` file."""
 
@@ -384,7 +381,14 @@ class EvalConfig:
     """In-training evaluation."""
 
     interval: int = 0
-    """Evaluate every this many steps (0 = never)."""
+    """Evaluate every this many steps, before the first and after the last (0 = never)."""
+
+    benchmarks: str = ""
+    """Directory with ``benchmarks.json`` (``tools/prepare_benchmarks.py`` writes one); needed when
+    ``interval > 0``."""
+
+    names: tuple[str, ...] = ()
+    """Benchmarks of that directory to run (empty = all)."""
 
     samples_per_prompt: int = 4
     """k of avg@k."""
@@ -396,7 +400,11 @@ class EvalConfig:
     """Generation budget per evaluation sample."""
 
     max_prompts: int = 0
-    """Evaluate on at most this many held-out prompts (0 = all)."""
+    """Evaluate on at most this many prompts of each benchmark (0 = all)."""
+
+    raw_prompts: bool = False
+    """Send each item's prompt as written, without the family's answer-format instruction (for tasks
+    whose prompts already say how to answer, such as the demo's)."""
 
     def validate(self) -> None:
         _check_int("eval.interval", self.interval, 0, "0 disables evaluation")
@@ -404,6 +412,11 @@ class EvalConfig:
         _check_range("eval.temperature", self.temperature, 0.0, math.inf, "[)", "0 = greedy")
         _check_int("eval.max_new_tokens", self.max_new_tokens, 1, "generation budget")
         _check_int("eval.max_prompts", self.max_prompts, 0, "0 = all")
+        if self.interval and not self.benchmarks:
+            raise ValueError(
+                f"eval.interval={self.interval} but eval.benchmarks is empty: point it at a directory "
+                "with benchmarks.json (tools/prepare_benchmarks.py) or set eval.interval=0"
+            )
 
 
 @dataclass

@@ -123,7 +123,7 @@ def load_prompts(
     """Read, validate and tokenize a prompt file; overlong prompts are skipped (and counted) or refused."""
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"prompt file {path!r} does not exist (data.train_prompts / data.eval_prompts)")
+        raise ValueError(f"prompt file {path!r} does not exist (data.train_prompts)")
     prompts, skipped = [], 0
     for line_number, row in _read_rows(file):
         prompt = _prompt_from_row(file, line_number, row, tokenizer, chat_template)

@@ -23,14 +23,14 @@ from megatron_tropd.batch import RolloutBatch
 from megatron_tropd.config import RunConfig
 from megatron_tropd.data import Prompt, PromptSampler, Tokenizer, load_prompts
 from megatron_tropd.guidance import draw_prefix_lengths, guided_samples_per_prompt, max_prefix_length
+from megatron_tropd.metrics_log import MetricsLog
 from megatron_tropd.platform import default_device
 from megatron_tropd.rollout.engine import (
     GenerationRequest,
-    GenerationResult,
     SamplingParams,
     to_rollout_batch,
 )
-from megatron_tropd.teacher import data_parallel_rows
+from megatron_tropd.rollout.text import TextGenerator, generate_data_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,15 @@ class Job:
     sampler: PromptSampler
     eos_token_id: int | None
     run_dir: Path
+    evaluation: InTrainingEval | None = None
+
+
+@dataclass
+class InTrainingEval:
+    """The held-out benchmarks and the student's text generator (``eval.interval > 0``)."""
+
+    benchmarks: list
+    generate: TextGenerator
 
 
 def _build_models(config: RunConfig):
@@ -87,6 +96,58 @@ def _engines(config: RunConfig, topology, student, teacher):
     return student_engine, teacher_engine
 
 
+def _in_training_eval(config: RunConfig, topology, student, tokenizer: Tokenizer | None):
+    """Benchmarks and a generator on the student's layout, sized to the longest benchmark prompt."""
+    from dataclasses import replace
+
+    from megatron_tropd.data import render_prompt
+    from megatron_tropd.eval import scoring
+    from megatron_tropd.eval.schema import load_benchmarks
+    from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
+
+    e = config.eval
+    if tokenizer is None:
+        raise ValueError("eval.interval > 0 needs data.tokenizer: benchmarks are text")
+    benchmarks = load_benchmarks(e.benchmarks, list(e.names) or None)
+    if e.max_prompts:
+        benchmarks = [replace(b, items=b.items[: e.max_prompts]) for b in benchmarks]
+    longest = max(
+        len(tokenizer.encode(render_prompt(scoring.render_prompt(item, b.family, e.raw_prompts),
+                                           config.data.chat_template, tokenizer)))
+        for b in benchmarks for item in b.items
+    )  # fmt: skip
+    batch = max(1, config.rollout.rollouts_per_step // topology.student.data_parallel)
+    engine = MegatronGenerationEngine(
+        student.module, topology.student, config.student.vocab_size, longest + e.max_new_tokens, batch
+    )
+    generate = TextGenerator(
+        engine, tokenizer, topology.student, max_new_tokens=e.max_new_tokens,
+        chat_template=config.data.chat_template, seed=config.seed,
+    )  # fmt: skip
+    return InTrainingEval(benchmarks, generate)
+
+
+def evaluate_student(job: Job, step: int) -> dict[str, float]:
+    """avg@k of the student on each held-out benchmark and their mean (collective; every rank returns)."""
+    from megatron_tropd.eval.scoring import evaluate
+
+    e = job.config.eval
+    started = time.perf_counter()
+    report = evaluate(
+        job.evaluation.benchmarks, job.evaluation.generate, e.samples_per_prompt, e.temperature,
+        run=f"step{step}", raw_prompts=e.raw_prompts,
+    )  # fmt: skip
+    scores = {b.name: b.avg_at_k for b in report.benchmarks}
+    return {**scores, "average": report.average, "seconds": time.perf_counter() - started}
+
+
+def _evaluation_due(job: Job, done: int) -> bool:
+    """After every ``eval.interval``-th update and after the last one."""
+    if job.evaluation is None:
+        return False
+    return done % job.config.eval.interval == 0 or done == job.config.train_steps
+
+
 def setup(config: RunConfig) -> tuple[Job, dict]:
     """Start the process group, build both models and the data, and resume when a checkpoint exists."""
     from megatron_tropd.checkpoint import load_checkpoint
@@ -109,20 +170,9 @@ def setup(config: RunConfig) -> tuple[Job, dict]:
     student_engine, teacher_engine = _engines(config, topology, student, teacher)
     eos = tokenizer.eos_token_id if tokenizer is not None else None
     job = Job(config, topology, student, teacher, student_engine, teacher_engine, sampler, eos, run_dir)
+    if config.eval.interval:
+        job.evaluation = _in_training_eval(config, topology, student, tokenizer)
     return job, loop_state
-
-
-def _generate_everywhere(
-    engine, groups, requests: list[GenerationRequest], sampling
-) -> list[GenerationResult]:
-    """Each data-parallel replica generates its slice; the results are gathered so every rank has all."""
-    rows = data_parallel_rows(len(requests), groups.data_parallel, groups.position.dp_rank)
-    mine = engine.generate(requests[rows], sampling)
-    if groups.data_parallel == 1:
-        return mine
-    gathered = [None] * groups.data_parallel
-    dist.all_gather_object(gathered, mine, group=groups.dp_group)
-    return [result for part in gathered for result in part]
 
 
 def _sampling(job: Job, temperature: float, max_new_tokens: int, seed: int) -> SamplingParams:
@@ -146,29 +196,21 @@ def _requests(job: Job, step: int, prompts: list[Prompt]) -> list[GenerationRequ
         return plain
     guided_rows = [i * r.samples_per_prompt + j for i in range(len(prompts)) for j in range(guided)]
     teacher_sampling = _sampling(job, r.teacher_temperature, r.max_new_tokens, r.seed + 1)
-    teacher_out = _generate_everywhere(
+    teacher_out = generate_data_parallel(
         job.teacher_engine, job.topology.teacher, [plain[row] for row in guided_rows], teacher_sampling
     )
     responses = [out.generated_token_ids for out in teacher_out]
     lengths = draw_prefix_lengths(r.seed, step, [plain[row].sample_id for row in guided_rows],
                                   [len(x) for x in responses], limit)  # fmt: skip
     for row, response, length in zip(guided_rows, responses, lengths, strict=True):
+        # The prefix counts against the response budget: the student writes max_new_tokens - l tokens.
         plain[row] = GenerationRequest(
-            plain[row].prompt_token_ids, plain[row].sample_id, tuple(response[:length])
+            plain[row].prompt_token_ids,
+            plain[row].sample_id,
+            tuple(response[:length]),
+            r.max_new_tokens - length,
         )
     return plain
-
-
-def _truncate_to_budget(result: GenerationResult, max_new_tokens: int) -> GenerationResult:
-    """A guided rollout's own budget is ``max_new_tokens - prefix length``."""
-    budget = max_new_tokens - result.prefix_length
-    if len(result.generated_token_ids) <= budget:
-        return result
-    keep = result.prompt_length + result.prefix_length + budget
-    return GenerationResult(
-        result.token_ids[:keep], result.prompt_length, result.prefix_length,
-        result.generated_token_ids[:budget], result.generated_logprobs[:budget], False, result.sample_id,
-    )  # fmt: skip
 
 
 def rollout(job: Job, step: int) -> tuple[RolloutBatch, dict]:
@@ -177,8 +219,7 @@ def rollout(job: Job, step: int) -> tuple[RolloutBatch, dict]:
     prompts = job.sampler.next_batch(r.prompts_per_step)
     requests = _requests(job, step, prompts)
     sampling = _sampling(job, r.temperature, r.max_new_tokens, r.seed)
-    results = _generate_everywhere(job.student_engine, job.topology.student, requests, sampling)
-    results = [_truncate_to_budget(result, r.max_new_tokens) for result in results]
+    results = generate_data_parallel(job.student_engine, job.topology.student, requests, sampling)
     batch = to_rollout_batch(results, pad_token_id=0).to(default_device())
     lengths = [len(x.generated_token_ids) + x.prefix_length for x in results]
     prefix_tokens = sum(x.prefix_length for x in results)
@@ -238,40 +279,6 @@ def train_one_step(job: Job, step: int) -> dict:
     }  # fmt: skip
 
 
-class MetricsLog:
-    """Step metrics to the console (logging), a JSONL file and TensorBoard (when installed)."""
-
-    def __init__(self, job: Job):
-        groups = job.topology.student
-        self.active = groups.is_last_stage and groups.position.dp_rank == 0 and groups.position.tp_rank == 0
-        self.writer = None
-        if not self.active:
-            return
-        job.run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (job.run_dir / "metrics.jsonl").open("a", encoding="utf-8")
-        if job.config.logging.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(job.run_dir / "tensorboard"))
-            except ImportError:
-                logger.info("tensorboard is not installed: metrics go to metrics.jsonl only")
-
-    def write(self, record: dict) -> None:
-        if not self.active:
-            return
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        if self.writer is not None:
-            for name, value in record.items():
-                if isinstance(value, (int, float)) and name != "step":
-                    self.writer.add_scalar(name, value, record["step"])
-        keys = ("loss", "trust_fraction", "p_trust", "teacher_topk_mass", "grad_norm", "response_length")
-        logger.info(
-            "step %d  %s", record["step"], "  ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
-        )
-
-
 def _save(job: Job, step: int) -> None:
     from megatron_tropd.checkpoint import save_checkpoint
 
@@ -291,20 +298,25 @@ def run(config: RunConfig) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # per-parameter listings at INFO
     job, loop_state = setup(config)
-    stop, log, records = StopRequest(), MetricsLog(job), []
+    stop, log, records = StopRequest(), MetricsLog.for_job(job, loop_state["step"]), []
     if log.active:
         (job.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
     try:
+        if job.evaluation is not None and loop_state["step"] == 0:
+            log.write_eval(0, evaluate_student(job, 0))  # the starting point of the accuracy curve
         for step in range(loop_state["step"], config.train_steps):
             record = train_one_step(job, step)
             log.write(record)
             if log.active:
                 records.append(record)
             done, stopping = step + 1, stop.agreed()  # collective: every rank decides together
+            if _evaluation_due(job, done):
+                log.write_eval(done, evaluate_student(job, done))
             if stopping or done % config.checkpoint.save_interval == 0 or done == config.train_steps:
                 _save(job, done)
             if stopping:
                 break
     finally:
+        log.close()
         shutdown_distributed()
     return records

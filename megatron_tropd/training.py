@@ -139,17 +139,11 @@ def _forward_step(data_iterator, model, *, tp_group, vocab_size, method, context
     return output, loss_func
 
 
-def train_step(
-    student: Student, batch: RolloutBatch, method: MethodConfig, context: MethodContext
-) -> StepResult:
-    """One optimizer update on this rank's rows of a scored rollout batch."""
+def _update(student: Student, batch: RolloutBatch, forward_step) -> StepResult:
+    """Zero the gradients, run the pipeline schedule over ``batch``'s microbatches, step the optimizer."""
     micro_batch_size = student.optim_config.micro_batch_size
     student.model.zero_grad_buffer()
     student.optimizer.zero_grad()
-    forward_step = partial(
-        _forward_step, tp_group=student.groups.tp_group, vocab_size=student.model_config.vocab_size,
-        method=method, context=context,
-    )  # fmt: skip
     per_microbatch = run_microbatches(
         student.model, student.groups, forward_step, batch.split(micro_batch_size),
         seq_length=batch.seq_length, micro_batch_size=micro_batch_size, forward_only=False,
@@ -160,6 +154,44 @@ def train_step(
     metrics = reduce_metrics(per_microbatch, student.groups.dp_group) if student.groups.is_last_stage else {}
     learning_rate = student.optimizer.param_groups[0]["lr"]
     return StepResult(metrics, float(grad_norm or 0.0), learning_rate, bool(update_successful))
+
+
+def train_step(
+    student: Student, batch: RolloutBatch, method: MethodConfig, context: MethodContext
+) -> StepResult:
+    """One optimizer update on this rank's rows of a scored rollout batch."""
+    forward_step = partial(
+        _forward_step, tp_group=student.groups.tp_group, vocab_size=student.model_config.vocab_size,
+        method=method, context=context,
+    )  # fmt: skip
+    return _update(student, batch, forward_step)
+
+
+def _supervised_loss_func(logits, batch: RolloutBatch, tp_group, vocab_size: int):
+    """Summed negative log-likelihood of the loss-bearing labels (``calculate_per_token_loss`` contract)."""
+    log_probs, _ = vocab_parallel_token_stats(
+        logits, batch.labels.unsqueeze(-1), tp_group, vocab_size, with_entropy=False, inplace_backward=True
+    )
+    mask = batch.loss_mask
+    nll_sum = -(log_probs[..., 0] * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return nll_sum, num_tokens, {"nll": torch.stack([nll_sum.detach(), num_tokens.to(nll_sum.dtype)])}
+
+
+def _supervised_forward_step(data_iterator, model, *, tp_group, vocab_size):
+    batch = next(data_iterator)
+    output = model(batch.tokens, batch.position_ids, None)
+    return output, partial(_supervised_loss_func, batch=batch, tp_group=tp_group, vocab_size=vocab_size)
+
+
+def supervised_step(student: Student, batch: RolloutBatch) -> StepResult:
+    """One supervised fine-tuning update (token-averaged NLL of the ``loss_mask`` labels); the metrics
+    hold ``nll``. Used to prepare models (the demo's teacher and student), not by the distillation loop."""
+    forward_step = partial(
+        _supervised_forward_step, tp_group=student.groups.tp_group,
+        vocab_size=student.model_config.vocab_size,
+    )  # fmt: skip
+    return _update(student, batch, forward_step)
 
 
 def batch_context(

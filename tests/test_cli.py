@@ -19,14 +19,14 @@ def test_version_prints_package_and_dependency_versions(capsys):
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["--help"], ["--tokens-per-sample", "64"], ["--dtype=float64", "extra"]]
+    "argv", [[], ["--help"], ["--quick"], ["--out=somewhere", "extra"]]
 )
 def test_demo_hands_every_argument_to_the_demo(monkeypatch, argv):
     received = []
-    fake_smoke = types.ModuleType("megatron_tropd.demo.smoke")
-    fake_smoke.main = lambda demo_argv: received.append(demo_argv) or 3
-    monkeypatch.setitem(sys.modules, "megatron_tropd.demo.smoke", fake_smoke)
-    monkeypatch.setattr(megatron_tropd.demo, "smoke", fake_smoke, raising=False)
+    fake_demo = types.ModuleType("megatron_tropd.demo.run")
+    fake_demo.main = lambda demo_argv: received.append(demo_argv) or 3
+    monkeypatch.setitem(sys.modules, "megatron_tropd.demo.run", fake_demo)
+    monkeypatch.setattr(megatron_tropd.demo, "run", fake_demo, raising=False)
     assert cli.main(["demo", *argv]) == 3  # the demo's exit status is the command's
     assert received == [argv]
 

@@ -145,6 +145,17 @@ def _check_sampling(model, groups, engine) -> list[list[int]]:
     return [r.generated_token_ids for r in results]
 
 
+def _check_request_budget(engine, greedy: list[list[int]]) -> None:
+    """A request's own ``max_new_tokens`` caps that row only (a guided rollout's budget less its prefix)."""
+    requests = _requests()
+    budgets = [1, None, 0, 3]
+    capped = [GenerationRequest(r.prompt_token_ids, r.sample_id, r.prefix_token_ids, b)
+              for r, b in zip(requests, budgets, strict=True)]  # fmt: skip
+    results = engine.generate(capped, SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW))
+    for result, full, budget in zip(results, greedy, budgets, strict=True):
+        assert result.generated_token_ids == full[: MAX_NEW if budget is None else budget]
+
+
 def _generation_worker(rank: int, world_size: int, tensor_parallel: int, pipeline_parallel: int):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -167,6 +178,7 @@ def _generation_worker(rank: int, world_size: int, tensor_parallel: int, pipelin
     with torch.no_grad():
         greedy = _check_greedy(model, groups, engine)
         _check_stop(engine, greedy)
+        _check_request_budget(engine, greedy)
         sampled = _check_sampling(model, groups, engine)
     return {"greedy": greedy, "sampled": sampled}
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_tropd.eval.ifbench import IFBENCH_CHECKERS  # noqa: E402
 from megatron_tropd.eval.schema import LETTERS, parse_item  # noqa: E402
 
 logger = logging.getLogger("prepare_benchmarks")
@@ -118,7 +119,8 @@ SOURCES: dict[str, HubSource] = {
     ),
 }
 
-# IFEval-style instruction ids -> (our checker, function turning the hub kwargs into its kwargs).
+# Instruction ids -> (our checker, function turning the hub kwargs into its kwargs). IFEval ids are
+# translated onto our checkers' names; IFBench ids are added unchanged below the table.
 _AT_LEAST = ("at least",)
 
 
@@ -167,6 +169,8 @@ INSTRUCTION_MAP: dict[str, tuple[str, Callable[[dict], dict]]] = {
     "startend:quotation": ("wrapped_in_quotes", lambda k: {}),
     "punctuation:no_comma": ("no_commas", lambda k: {}),
 }
+# IFBench's own ids are checker names with IFBench's keyword names: their kwargs pass through unchanged.
+INSTRUCTION_MAP.update({name: (name, dict) for name in IFBENCH_CHECKERS})
 
 
 class SkipRow(Exception):

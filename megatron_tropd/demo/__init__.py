@@ -1,1 +1,2 @@
-"""Built-in demos that run on a CPU box: ``python -m megatron_tropd.demo.smoke`` (distillation losses)."""
+"""The built-in CPU demo: ``tropd demo`` (``megatron_tropd.demo.run``) distils a student on a synthetic
+multi-step arithmetic task and writes a report."""

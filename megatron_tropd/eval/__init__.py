@@ -11,6 +11,15 @@ Pieces, each its own module:
 - ``scoring``       ``evaluate(benchmarks, generate, k, temperature)`` -> ``EvalReport``; avg@k, pass@k;
                     markdown / JSON / PNG reports in the paper's layout.
 
+Modules that import torch and Megatron (not imported here; import them by name):
+
+- ``harness``         ``evaluate_checkpoint(checkpoint, tokenizer, benchmarks_dir, ...)``: a checkpoint
+                      on any TP x PP layout (collective over the job's ranks) -> ``EvalReport``.
+- ``command``         ``tools/evaluate.py`` / ``tropd eval``: evaluate a checkpoint, or ``--compare`` earlier
+                      results.json files side by side.
+- ``lm_eval_adapter`` the checkpoint as an lm-evaluation-harness model named ``megatron_tropd`` (the
+                      ``lmeval`` extra).
+
 Typical use (``tools/prepare_benchmarks.py --out data/benchmarks`` first)::
 
     from megatron_tropd.eval.schema import load_benchmarks

@@ -3,7 +3,8 @@
 A constraint in a benchmark file is ``{"type": <registered name>, "kwargs": {...}}``; the checker is
 called as ``checker(response, **kwargs)`` and returns True when the response satisfies it. Bounds are
 inclusive. The schema loader validates types and keyword names against :data:`CHECKERS`, so a typo in a
-benchmark file fails at load time, not silently at scoring time.
+benchmark file fails at load time, not silently at scoring time. IFBench's own constraints live in
+:mod:`megatron_tropd.eval.ifbench` under their IFBench ids and join this registry on import.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import inspect
 import json
 import re
 from collections.abc import Callable
+
+from megatron_tropd.eval.ifbench import IFBENCH_CHECKERS
 
 CHECKERS: dict[str, Callable[..., bool]] = {}
 
@@ -147,3 +150,7 @@ def postscript(response: str, marker: str = "P.S.") -> bool:
 def highlighted_sections(response: str, min_count: int) -> bool:
     """Markdown highlights such as *highlighted section*."""
     return len(re.findall(r"\*[^\n*]+\*", response)) >= min_count
+
+
+for _name, _checker in IFBENCH_CHECKERS.items():
+    register(_name)(_checker)

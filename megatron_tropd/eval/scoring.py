@@ -34,14 +34,15 @@ PROMPT_SUFFIX = {
 }
 
 
-def render_prompt(item: Item, family: str) -> str:
-    """The text sent to the model for one item (options lettered for multiple choice)."""
+def render_prompt(item: Item, family: str, raw: bool = False) -> str:
+    """The text sent to the model for one item (options lettered for multiple choice); ``raw`` leaves
+    out the family's answer-format instruction (prompts that already say how to answer)."""
     body = item.prompt
     if family == "multiple_choice":
         body += "\n\n" + "\n".join(f"{LETTERS[i]}) {option}" for i, option in enumerate(item.options))
     if family == "code" and item.entry is not None:
         return body + f"\n\nImplement `{item.entry}` in one ```python code block."
-    return body + PROMPT_SUFFIX[family]
+    return body if raw else body + PROMPT_SUFFIX[family]
 
 
 def avg_at_k(correct: Sequence[Sequence[bool]]) -> float:
@@ -134,9 +135,10 @@ def evaluate_benchmark(
     k: int,
     temperature: float,
     code_limits: SandboxLimits | None = None,
+    raw_prompts: bool = False,
 ) -> BenchmarkResult:
     """Generate k responses per item, verify each, and score the benchmark."""
-    prompts = [render_prompt(item, benchmark.family) for item in benchmark.items]
+    prompts = [render_prompt(item, benchmark.family, raw_prompts) for item in benchmark.items]
     responses = _generate_checked(generate, prompts, k, temperature)
     samples, correct = [], []
     for item, item_responses in zip(benchmark.items, responses, strict=True):
@@ -166,13 +168,14 @@ def evaluate(
     temperature: float,
     run: str = "run",
     code_limits: SandboxLimits | None = None,
+    raw_prompts: bool = False,
 ) -> EvalReport:
     """Evaluate one generator on every benchmark; the report carries per-sample verdicts and reasons."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if not benchmarks:
         raise ValueError("no benchmarks to evaluate")
-    results = [evaluate_benchmark(b, generate, k, temperature, code_limits) for b in benchmarks]
+    results = [evaluate_benchmark(b, generate, k, temperature, code_limits, raw_prompts) for b in benchmarks]
     return EvalReport(run=run, k=k, temperature=temperature, benchmarks=results)
 
 
@@ -237,3 +240,30 @@ def write_report(reports: Sequence[EvalReport], out_dir: str | Path) -> dict[str
                     handle.write(json.dumps({"benchmark": bench.name, **asdict(sample)}) + "\n")
     plot_comparison(reports, paths["png"])
     return paths
+
+
+def report_from_summary(summary: dict) -> EvalReport:
+    """An ``EvalReport`` (metrics only, no samples) from one run of a results.json."""
+    benchmarks = [
+        BenchmarkResult(
+            name,
+            entry["family"],
+            entry["num_prompts"],
+            entry["avg_at_k"],
+            {int(n): value for n, value in entry["pass_at_k"].items()},
+        )
+        for name, entry in summary["benchmarks"].items()
+    ]
+    return EvalReport(summary["run"], summary["k"], summary["temperature"], benchmarks)
+
+
+def load_results(path: str | Path) -> list[EvalReport]:
+    """The runs of a results.json written by ``write_report`` (a file, or the directory holding it)."""
+    path = Path(path)
+    path = path / "results.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: pass a directory (or results.json) written by write_report")
+    try:
+        return [report_from_summary(run) for run in json.loads(path.read_text(encoding="utf-8"))["runs"]]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a results.json written by write_report ({exc})") from None

@@ -58,10 +58,16 @@ class GenerationRequest:
     """Unique in the rollout batch: keys the sampling randomness and becomes ``RolloutBatch.sample_ids``."""
     prefix_token_ids: tuple[int, ...] = ()
     """Response tokens forced before sampling starts (a teacher prefix); never sampled."""
+    max_new_tokens: int | None = None
+    """This request's own generation budget (None = the call's ``SamplingParams.max_new_tokens``); a
+    guided rollout gets the response budget less its prefix."""
 
     @property
     def forced_length(self) -> int:
         return len(self.prompt_token_ids) + len(self.prefix_token_ids)
+
+    def budget(self, sampling: SamplingParams) -> int:
+        return sampling.max_new_tokens if self.max_new_tokens is None else self.max_new_tokens
 
 
 @dataclass

@@ -106,13 +106,14 @@ class _ChunkState:
     tokens: torch.Tensor  # [b, max_total] int64: forced tokens, then generated, then pad (0)
     logprobs: torch.Tensor  # [b, max_total] fp32: sampler log-prob of the token at each position
     forced_length: torch.Tensor  # [b] int64: prompt + prefix length
+    budget: torch.Tensor  # [b] int64: tokens each row may generate
     num_generated: torch.Tensor  # [b] int64
     stopped: torch.Tensor  # [b] bool: a stop token was sampled
     sample_ids: torch.Tensor  # [b] int64
 
-    def finished(self, position: int, max_new_tokens: int) -> torch.Tensor:
+    def finished(self, position: int) -> torch.Tensor:
         """``[b]`` bool: rows that need no token at ``position`` (no forced token left and done)."""
-        done = self.stopped | (self.num_generated >= max_new_tokens)
+        done = self.stopped | (self.num_generated >= self.budget)
         return (self.forced_length <= position) & done
 
 
@@ -171,7 +172,9 @@ class MegatronGenerationEngine:
             forced = (*request.prompt_token_ids, *request.prefix_token_ids)
             if min(forced) < 0 or max(forced) >= self.vocab_size:
                 raise ValueError(f"request {request.sample_id} has token ids outside [0, {self.vocab_size})")
-            total = request.forced_length + sampling.max_new_tokens
+            if request.max_new_tokens is not None and request.max_new_tokens < 0:
+                raise ValueError(f"request {request.sample_id} has max_new_tokens < 0")
+            total = request.forced_length + request.budget(sampling)
             if total > self.max_sequence_length:
                 raise ValueError(
                     f"request {request.sample_id} needs {total} positions (prompt + prefix + "
@@ -179,7 +182,7 @@ class MegatronGenerationEngine:
                     "raise max_sequence_length or lower max_new_tokens"
                 )
 
-    def _new_state(self, chunk: list[GenerationRequest], max_total: int) -> _ChunkState:
+    def _new_state(self, chunk: list[GenerationRequest], max_total: int, sampling) -> _ChunkState:
         tokens = torch.zeros(len(chunk), max_total, dtype=torch.int64, device=self.device)
         for row, request in enumerate(chunk):
             forced = (*request.prompt_token_ids, *request.prefix_token_ids)
@@ -189,6 +192,7 @@ class MegatronGenerationEngine:
             tokens=tokens,
             logprobs=torch.zeros(len(chunk), max_total, device=self.device),
             forced_length=forced_length,
+            budget=torch.tensor([r.budget(sampling) for r in chunk], dtype=torch.int64, device=self.device),
             num_generated=torch.zeros_like(forced_length),
             stopped=torch.zeros_like(forced_length, dtype=torch.bool),
             sample_ids=torch.tensor([r.sample_id for r in chunk], dtype=torch.int64, device=self.device),
@@ -198,24 +202,24 @@ class MegatronGenerationEngine:
     def _generate_chunk(self, chunk: list[GenerationRequest], sampling: SamplingParams):
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        max_total = max(r.forced_length for r in chunk) + sampling.max_new_tokens
-        state = self._new_state(chunk, max_total)
+        max_total = max(r.forced_length + r.budget(sampling) for r in chunk)
+        state = self._new_state(chunk, max_total, sampling)
         context = StaticInferenceContext(len(chunk), max_total)
         position = min(r.forced_length for r in chunk)  # the prefill covers what every row has forced
         step_input = state.tokens[:, :position]  # [b, s]
         stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.int64, device=self.device)
-        while not state.finished(position, sampling.max_new_tokens).all():
+        while not state.finished(position).all():
             logits = self._forward(step_input, context)  # [b, V_padded] on the last stage, else None
             sampled, logprobs = self._sample(logits, sampling, state.sample_ids, position)
-            self._record(state, position, sampled, logprobs, sampling.max_new_tokens, stop_ids)
+            self._record(state, position, sampled, logprobs, stop_ids)
             step_input = state.tokens[:, position : position + 1]  # [b, 1]
             position += 1
         return [self._result(state, row, request) for row, request in enumerate(chunk)]
 
-    def _record(self, state: _ChunkState, position, sampled, logprobs, max_new_tokens, stop_ids) -> None:
+    def _record(self, state: _ChunkState, position, sampled, logprobs, stop_ids) -> None:
         """Write the token at ``position``: forced where the row has one, sampled while it is generating."""
         is_forced = position < state.forced_length  # [b]
-        generating = ~is_forced & ~state.finished(position, max_new_tokens)
+        generating = ~is_forced & ~state.finished(position)
         next_token = torch.where(generating, sampled, torch.zeros_like(sampled))
         state.tokens[:, position] = torch.where(is_forced, state.tokens[:, position], next_token)
         state.logprobs[:, position] = torch.where(generating, logprobs, torch.zeros_like(logprobs))

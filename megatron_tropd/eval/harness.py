@@ -1,0 +1,281 @@
+"""Evaluate a Megatron checkpoint on the benchmarks, on any TP x PP layout (data parallelism takes the rest).
+
+``evaluate_checkpoint`` is collective over every rank of an initialised process group: the model is built
+on its layout with ``build_teacher`` (read-only weights, eval mode), the KV-cache engine generates, and
+``eval.scoring.evaluate`` scores the responses. Every rank returns the same ``EvalReport``.
+
+Everything that can be refused without a model -- an unreadable checkpoint, a tokenizer or benchmark
+file that does not load, a prompt that does not fit in the context -- is checked first by
+``prepare_evaluation``, which the command line also runs before it starts any rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_tropd.checkpoint import CheckpointError, _find_weights
+from megatron_tropd.data import Tokenizer
+from megatron_tropd.data import render_prompt as apply_chat_template
+from megatron_tropd.eval.schema import Benchmark, load_benchmarks
+from megatron_tropd.eval.scoring import EvalReport, Generate, evaluate, render_prompt
+from megatron_tropd.model_config import Llama3RopeScaling, ModelConfig
+from megatron_tropd.topology import ModelGroups, ParallelLayout
+
+DEFAULT_MAX_BATCH_SIZE = 64
+"""Rows the KV-cache engine decodes at once (per data-parallel replica)."""
+
+_EXPECTED = (
+    "a directory written by save_model_weights or save_checkpoint, or a run root with a 'latest' marker"
+)
+
+
+def model_config_from_dict(saved: dict[str, Any]) -> ModelConfig:
+    """The ``ModelConfig`` a checkpoint's metadata stores (inverse of ``dataclasses.asdict``)."""
+    fields = dict(saved)
+    if fields.get("rope_scaling") is not None:
+        fields["rope_scaling"] = Llama3RopeScaling(**fields["rope_scaling"])
+    config = ModelConfig(**fields)
+    config.validate()
+    return config
+
+
+def read_checkpoint_config(checkpoint: str | os.PathLike) -> tuple[Path, ModelConfig]:
+    """The weights directory at ``checkpoint`` (or named by its ``latest``) and its saved ``ModelConfig``.
+
+    Local, not collective. Raises ``CheckpointError`` naming the path and what was expected.
+    """
+    path = Path(checkpoint)
+    try:
+        directory, metadata = _find_weights(path)
+        return directory, model_config_from_dict(metadata["model_config"])
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"cannot read the model checkpoint {path} ({type(exc).__name__}: {exc}); expected {_EXPECTED}"
+        ) from None
+
+
+def limit_prompts(benchmarks: Sequence[Benchmark], max_prompts: int) -> list[Benchmark]:
+    """The first ``max_prompts`` items of each benchmark (all when 0)."""
+    if max_prompts < 0:
+        raise ValueError(f"max_prompts must be >= 0 (0 = all), got {max_prompts}")
+    if max_prompts == 0:
+        return list(benchmarks)
+    return [dataclasses.replace(b, items=b.items[:max_prompts]) for b in benchmarks]
+
+
+def check_prompt_lengths(
+    benchmarks: Sequence[Benchmark],
+    tokenizer: Tokenizer,
+    *,
+    chat_template: str,
+    raw_prompts: bool,
+    max_new_tokens: int,
+    context_length: int,
+) -> None:
+    """Refuse a prompt whose tokens plus ``max_new_tokens`` exceed the model's context, naming it."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for benchmark in benchmarks:
+        for item in benchmark.items:
+            text = apply_chat_template(
+                render_prompt(item, benchmark.family, raw_prompts), chat_template, tokenizer
+            )
+            length = len(tokenizer.encode(text))
+            if length + max_new_tokens > context_length:
+                raise ValueError(
+                    f"benchmark {benchmark.name!r} item {item.id!r}: the prompt has {length} tokens and "
+                    f"with max_new_tokens={max_new_tokens} needs {length + max_new_tokens} positions, but "
+                    f"the model's context is {context_length} (max_position_embeddings): lower "
+                    "--max-new-tokens or leave the item out"
+                )
+
+
+@dataclass
+class PreparedEvaluation:
+    """What ``prepare_evaluation`` checked and loaded; no model yet."""
+
+    directory: Path
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    benchmarks: list[Benchmark]
+
+
+def prepare_evaluation(
+    checkpoint: str | os.PathLike,
+    tokenizer_path: str | os.PathLike,
+    benchmarks_dir: str | os.PathLike,
+    *,
+    names: Sequence[str] | None = None,
+    max_new_tokens: int,
+    chat_template: str = "auto",
+    raw_prompts: bool = False,
+    max_prompts: int = 0,
+    model_config: ModelConfig | None = None,
+    world_size: int | None = None,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+) -> PreparedEvaluation:
+    """Check and load everything but the model (local, not collective); ValueError on bad input."""
+    directory, saved_config = read_checkpoint_config(checkpoint)
+    model_config = model_config or saved_config
+    model_config.validate_parallel(tensor_parallel, pipeline_parallel)
+    if world_size is not None:
+        ParallelLayout(tensor_parallel, pipeline_parallel).data_parallel(world_size, "evaluated model")
+    tokenizer = Tokenizer(str(tokenizer_path))
+    benchmarks = limit_prompts(load_benchmarks(benchmarks_dir, list(names) if names else None), max_prompts)
+    check_prompt_lengths(
+        benchmarks, tokenizer, chat_template=chat_template, raw_prompts=raw_prompts,
+        max_new_tokens=max_new_tokens, context_length=model_config.max_position_embeddings,
+    )  # fmt: skip
+    return PreparedEvaluation(directory, model_config, tokenizer, benchmarks)
+
+
+def load_model(
+    checkpoint: str | os.PathLike,
+    model_config: ModelConfig,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    seed: int = 0,
+) -> tuple[torch.nn.Module, ModelGroups]:
+    """This rank's read-only stage of the checkpoint's model on a TP x PP layout (collective)."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_tropd.platform import enable_cpu_mode
+    from megatron_tropd.teacher import build_teacher
+    from megatron_tropd.topology import build_topology
+
+    enable_cpu_mode()  # a no-op on GPU machines
+    layout = ParallelLayout(tensor_parallel, pipeline_parallel)
+    groups = build_topology(layout, layout).student
+    model_parallel_cuda_manual_seed(seed)  # attention forks this tracker even with dropout 0
+    try:
+        model = build_teacher(model_config, groups, seed=seed, checkpoint=str(checkpoint))
+    except CheckpointError:
+        raise
+    except Exception as exc:  # dist-checkpointing reports broken shards in its own terms
+        raise CheckpointError(
+            f"cannot load the weights of {checkpoint} ({type(exc).__name__}: {exc}); expected {_EXPECTED}"
+        ) from exc
+    return model, groups
+
+
+def pad_for_data_parallel(generate: Generate, data_parallel: int) -> Generate:
+    """Repeat the last prompt until the requests split evenly over the replicas; drop the extras.
+
+    Sampling is keyed by (seed, sample id, position), so the extra requests change no real response.
+    """
+
+    def padded(prompts: list[str], k: int, temperature: float) -> list[list[str]]:
+        extra = next(e for e in range(data_parallel) if ((len(prompts) + e) * k) % data_parallel == 0)
+        responses = generate(list(prompts) + [prompts[-1]] * extra, k, temperature)
+        return responses[: len(prompts)]
+
+    return padded
+
+
+def build_generate(
+    model: torch.nn.Module,
+    groups: ModelGroups,
+    tokenizer: Tokenizer,
+    model_config: ModelConfig,
+    *,
+    max_new_tokens: int,
+    chat_template: str = "auto",
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    seed: int = 0,
+) -> Generate:
+    """``generate(prompts, k, temperature)`` over the KV-cache engine; collective over every rank."""
+    from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
+    from megatron_tropd.rollout.text import TextGenerator
+
+    engine = MegatronGenerationEngine(
+        model, groups, model_config.vocab_size, model_config.max_position_embeddings, max_batch_size
+    )
+    generator = TextGenerator(
+        engine, tokenizer, groups, max_new_tokens=max_new_tokens, chat_template=chat_template, seed=seed
+    )
+    return pad_for_data_parallel(generator, groups.data_parallel)
+
+
+def _on_every_rank(fn, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` on every rank; when it fails anywhere, raise on every rank (none is left waiting in
+    the next collective). User errors keep their type (``CheckpointError``, ``ValueError``)."""
+    result, error = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as exc:  # shared below, then raised on every rank
+        error = exc
+    errors: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, None if error is None else (type(error).__name__, str(error)))
+    failed = [(rank, found) for rank, found in enumerate(errors) if found is not None]
+    if error is not None:
+        raise error
+    if failed:
+        rank, (kind, message) = failed[0]
+        known = {"CheckpointError": CheckpointError, "ValueError": ValueError}
+        raise known.get(kind, RuntimeError)(f"on rank {rank}: {message}")
+    return result
+
+
+def _require_distributed() -> None:
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "evaluate_checkpoint is collective: run it under torchrun, through tools/evaluate.py (which can "
+            "spawn local ranks), or call megatron_tropd.platform.init_distributed() first"
+        )
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    tokenizer_path: str | os.PathLike,
+    benchmarks_dir: str | os.PathLike,
+    *,
+    names: Sequence[str] | None = None,
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    chat_template: str = "auto",
+    raw_prompts: bool = False,
+    max_prompts: int = 0,
+    run_name: str | None = None,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    seed: int = 0,
+    model_config: ModelConfig | None = None,
+) -> EvalReport:
+    """Generate ``k`` responses per benchmark prompt with the checkpoint's model and score them.
+
+    Collective over every rank of the initialised process group; every rank returns the same report.
+    The model config comes from the checkpoint's metadata unless given. Bad input (checkpoint, tokenizer,
+    benchmarks, a prompt longer than the context, a layout that does not divide the world) raises before
+    any generation, on every rank alike.
+    """
+    _require_distributed()
+    prepared = _on_every_rank(
+        prepare_evaluation, checkpoint, tokenizer_path, benchmarks_dir, names=names,
+        max_new_tokens=max_new_tokens, chat_template=chat_template, raw_prompts=raw_prompts,
+        max_prompts=max_prompts, model_config=model_config, world_size=dist.get_world_size(),
+        tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+    )  # fmt: skip
+    model, groups = load_model(
+        prepared.directory, prepared.model_config, tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel, seed=seed,
+    )  # fmt: skip
+    generate = build_generate(
+        model, groups, prepared.tokenizer, prepared.model_config, max_new_tokens=max_new_tokens,
+        chat_template=chat_template, max_batch_size=max_batch_size, seed=seed,
+    )  # fmt: skip
+    run = run_name or prepared.directory.name
+    return evaluate(prepared.benchmarks, generate, k, temperature, run=run, raw_prompts=raw_prompts)

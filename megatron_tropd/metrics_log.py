@@ -1,0 +1,199 @@
+"""Step and evaluation metrics of a run, written by its reporting rank.
+
+Every record goes to ``run_dir/metrics.jsonl``, to TensorBoard (``logging.tensorboard``, when installed)
+and to Weights & Biases (``logging.wandb_project``); the console gets a progress bar when stdout is a
+terminal, else a log line every ``logging.log_interval`` steps. Evaluation scores are keys ``eval/<name>``
+of any record, or records of their own (``write_eval``); they are plotted like every other number.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from megatron_tropd.config import LoggingConfig
+
+if TYPE_CHECKING:
+    from megatron_tropd.trainer import Job
+
+logger = logging.getLogger(__name__)
+
+EVAL_PREFIX = "eval/"
+# The run's W&B id, kept in the run directory so that a resumed job continues the same W&B run.
+WANDB_ID_FILE = "wandb_id"
+LINE_KEYS = ("loss", "trust_fraction", "p_trust", "teacher_topk_mass", "grad_norm", "response_length")
+BAR_KEYS = ("loss", "trust_fraction", "response_length")
+
+
+def numeric_items(record: dict) -> dict[str, float]:
+    """The record's numbers other than its step: what TensorBoard and W&B plot."""
+    return {
+        name: value
+        for name, value in record.items()
+        if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
+def _eval_name(name: str) -> str:
+    return name if name.startswith(EVAL_PREFIX) else EVAL_PREFIX + name
+
+
+def eval_record(step: int, scores: dict[str, float]) -> dict:
+    """``{"step": step, "eval/<name>": score, ...}``; names already under ``eval/`` keep their name."""
+    return {"step": step, **{_eval_name(name): float(score) for name, score in scores.items()}}
+
+
+def _eval_items(record: dict) -> dict:
+    return {name: value for name, value in record.items() if name.startswith(EVAL_PREFIX)}
+
+
+def _is_training_record(record: dict) -> bool:
+    """A record of a training step (not only evaluation scores): it advances the progress bar."""
+    return any(name != "step" and not name.startswith(EVAL_PREFIX) for name in record)
+
+
+def _format(values: dict, keys) -> str:
+    return "  ".join(f"{key}={values[key]:.4g}" for key in keys if key in values)
+
+
+def import_wandb():
+    """W&B is optional; a configured project without it must fail before any training step."""
+    try:
+        import wandb
+    except ImportError as error:
+        raise RuntimeError(
+            "logging.wandb_project is set but wandb is not installed: `pip install wandb` "
+            "(or `pip install -e .[wandb]`), or clear logging.wandb_project"
+        ) from error
+    return wandb
+
+
+def _wandb_run_id(run_dir: Path) -> str:
+    path = run_dir / WANDB_ID_FILE
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    run_id = secrets.token_hex(8)
+    path.write_text(run_id + "\n", encoding="utf-8")
+    return run_id
+
+
+def _tensorboard_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+class MetricsLog:
+    """The run's metric sinks; every method is a no-op on ranks other than the reporting one."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        logging_config: LoggingConfig,
+        *,
+        active: bool,
+        total_steps: int,
+        start_step: int = 0,
+        run_name: str = "",
+        config_dict: dict[str, Any] | None = None,
+        progress_bar: bool | None = None,
+    ):
+        """``progress_bar=None`` shows the bar exactly when stdout is a terminal."""
+        self.active = active
+        self.run_dir = Path(run_dir)
+        self.log_interval = logging_config.log_interval
+        self.total_steps = total_steps
+        self.jsonl = self.writer = self.bar = self.wandb_run = None
+        # Every rank checks, so that a missing wandb stops the whole job rather than one rank of it.
+        wandb = import_wandb() if logging_config.wandb_project else None
+        if not active:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        if logging_config.tensorboard:
+            self.writer = _tensorboard_writer(self.run_dir)
+        if wandb is not None:
+            self.wandb_run = wandb.init(
+                project=logging_config.wandb_project, name=run_name or None, dir=str(self.run_dir),
+                config=config_dict or {}, resume="allow", id=_wandb_run_id(self.run_dir),
+            )  # fmt: skip
+        if progress_bar if progress_bar is not None else sys.stdout.isatty():
+            self.bar = self._progress_bar(run_name, start_step)
+
+    @classmethod
+    def for_job(cls, job: Job, start_step: int = 0) -> MetricsLog:
+        """The log of ``job``, active on the student's reporting rank (last stage, DP and TP rank 0)."""
+        groups = job.topology.student
+        active = groups.is_last_stage and groups.position.dp_rank == 0 and groups.position.tp_rank == 0
+        config = job.config
+        config_dict = json.loads(json.dumps(asdict(config), default=str))  # what config.json holds
+        return cls(
+            job.run_dir, config.logging, active=active, total_steps=config.train_steps,
+            start_step=start_step, run_name=config.name, config_dict=config_dict,
+        )  # fmt: skip
+
+    def _progress_bar(self, run_name: str, start_step: int):
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.total_steps, initial=start_step, desc=run_name or None, unit="step",
+            file=sys.stdout, dynamic_ncols=True,
+        )  # fmt: skip
+
+    def write(self, record: dict) -> None:
+        """One record (``record["step"]`` required) to every sink."""
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        numbers = numeric_items(record)
+        if self.writer is not None:
+            for name, value in numbers.items():
+                self.writer.add_scalar(name, value, record["step"])
+        if self.wandb_run is not None:
+            self.wandb_run.log(numbers, step=record["step"])
+        self._console(record)
+
+    def write_eval(self, step: int, scores: dict[str, float]) -> None:
+        """Evaluation scores at ``step`` as a record ``{"step": step, "eval/<name>": score, ...}``."""
+        self.write(eval_record(step, scores))
+
+    def _line_due(self, step: int) -> bool:
+        done = step + 1
+        return done % self.log_interval == 0 or done == self.total_steps
+
+    def _console(self, record: dict) -> None:
+        step, scores = record["step"], _eval_items(record)
+        due = _is_training_record(record) and self._line_due(step)
+        if self.bar is None:
+            if due or scores:
+                keys = (LINE_KEYS if due else ()) + tuple(scores)
+                logger.info("step %d  %s", step, _format(record, keys))
+            return
+        if scores:
+            self.bar.write(f"step {step}  {_format(scores, scores)}")
+        if _is_training_record(record):
+            if due:
+                postfix = {key: f"{record[key]:.4g}" for key in BAR_KEYS if key in record}
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(max(0, step + 1 - self.bar.n))
+
+    def close(self) -> None:
+        """Flush and close every sink (finishes the W&B run); safe to call more than once."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        self.jsonl = self.writer = self.bar = self.wandb_run = None
