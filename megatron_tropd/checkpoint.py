@@ -801,6 +801,21 @@ def _find_weights(path: Path) -> tuple[Path, dict[str, Any]]:
     return directory, _read_metadata(directory)
 
 
+def read_weights_config(path: str | os.PathLike) -> tuple[Path, ModelConfig]:
+    """The weights directory at ``path`` (or named by its ``latest``) and the ``ModelConfig`` it was saved
+    with. Local, not collective; raises ``CheckpointError`` naming the path and what was expected."""
+    try:
+        directory, metadata = _find_weights(Path(path))
+        return directory, ModelConfig.from_dict(metadata["model_config"])
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"cannot read the model checkpoint {path} ({type(exc).__name__}: {exc}); expected a directory "
+            "written by save_model_weights or save_checkpoint, or a run root with a 'latest' marker"
+        ) from None
+
+
 @torch.no_grad()
 def load_model_weights(
     path: str | os.PathLike, model: torch.nn.Module, model_config: ModelConfig | None = None

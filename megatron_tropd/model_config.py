@@ -157,6 +157,16 @@ class ModelConfig:
         """Per-head width actually used: ``head_dim`` or ``hidden_size // num_attention_heads``."""
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> ModelConfig:
+        """Inverse of ``dataclasses.asdict`` (the JSON our checkpoints store), validated."""
+        fields = dict(saved)
+        if fields.get("rope_scaling") is not None:
+            fields["rope_scaling"] = Llama3RopeScaling(**fields["rope_scaling"])
+        config = cls(**fields)
+        config.validate()
+        return config
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field and what it accepts."""
         _require(

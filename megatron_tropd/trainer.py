@@ -1,5 +1,6 @@
 """The distillation loop, top to bottom: sample prompts -> generate (student, with teacher-prefix guidance)
--> score (teacher signals, old student log-probs, trust draw) -> train -> log -> checkpoint.
+-> score (teacher signals, old student log-probs, trust draw) -> train -> log -> checkpoint -> evaluate
+(every ``eval.interval`` steps, before the first and after the last: avg@k on held-out benchmarks).
 
 ``run(config)`` is the job's entry point on every rank (torchrun, srun or a nemo-run launcher). Every
 method of ``method.md`` runs through the same loop; only ``config.method`` changes. On SIGUSR1 (Slurm's

@@ -18,9 +18,7 @@ def test_version_prints_package_and_dependency_versions(capsys):
     assert [line.split()[0] for line in lines[1:]] == ["torch", "megatron-core", "python"]
 
 
-@pytest.mark.parametrize(
-    "argv", [[], ["--help"], ["--quick"], ["--out=somewhere", "extra"]]
-)
+@pytest.mark.parametrize("argv", [[], ["--help"], ["--quick"], ["--out=somewhere", "extra"]])
 def test_demo_hands_every_argument_to_the_demo(monkeypatch, argv):
     received = []
     fake_demo = types.ModuleType("megatron_tropd.demo.run")

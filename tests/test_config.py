@@ -41,3 +41,12 @@ def test_world_size_and_batch_split_are_checked_together():
         uneven.validate(world_size=4)
     with pytest.raises(ValueError, match="num_query_groups=2 is not divisible by tensor_parallel=4"):
         RunConfig(parallel=ParallelConfig(student_tensor_parallel=4)).validate()
+
+
+def test_in_training_evaluation_needs_its_benchmarks():
+    from megatron_tropd.config import EvalConfig
+
+    with pytest.raises(ValueError, match="eval.interval=5 but eval.benchmarks is empty"):
+        EvalConfig(interval=5).validate()
+    EvalConfig(interval=5, benchmarks="data/benchmarks").validate()
+    EvalConfig(interval=0).validate()

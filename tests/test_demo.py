@@ -21,9 +21,9 @@ def test_problems_stay_in_range_and_the_teacher_chain_verifies():
 
 
 def test_teacher_chain_is_the_left_to_right_computation():
-    problem = task.Problem(7, (("+", 5), ("*", 3), ("-", 4)))
-    assert problem.prompt == "Q: 7 +5 *3 -4 A:"
-    assert task.teacher_response(problem) == " 7+5=12; 12*3=36; 36-4=32; Final answer: 32"
+    problem = task.Problem(7, (("+", 5), ("-", 4), ("*", 2)))
+    assert problem.prompt == "Q: 7 +5 -4 *2 A:"
+    assert task.teacher_response(problem) == " 7+5=12; 12-4=8; 8*2=16; Final answer: 16"
 
 
 def test_noisy_writer_skips_and_slips_at_its_rates():
@@ -81,3 +81,22 @@ def test_quick_demo_runs_every_phase_and_writes_its_report(tmp_path, capsys):
     assert "| tropd |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--fresh"):
         main(["--quick", "--out", str(tmp_path)])  # an earlier demo is never overwritten silently
+    _check_final_checkpoint_scores_as_logged(tmp_path, report["methods"]["tropd"], QUICK)
+
+
+def _check_final_checkpoint_scores_as_logged(root, summary, size):
+    """``tropd eval`` on the run's last checkpoint gives the score the loop logged after its last step."""
+    from megatron_tropd.demo.run import RESPONSE_TOKENS, WORLD_SIZE
+    from megatron_tropd.eval import command
+
+    rows_per_rank = size.prompts_per_step * size.samples_per_prompt // WORLD_SIZE
+    checkpoint = root / "runs" / "tropd" / "checkpoints"
+    status = command.main([
+        "--checkpoint", str(checkpoint), "--tokenizer", str(root / "tokenizer.model"),
+        "--benchmarks", str(root / "heldout"), "--k", str(size.k), "--temperature", "0.6",
+        "--max-new-tokens", str(RESPONSE_TOKENS), "--chat-template", "none", "--raw-prompts",
+        "--max-batch-size", str(rows_per_rank), "--cpu-ranks", str(WORLD_SIZE), "--out", str(root / "eval"),
+    ])  # fmt: skip
+    assert status == 0
+    results = json.loads((root / "eval" / "results.json").read_text())
+    assert results["runs"][0]["average"] == summary["accuracy_curve"][-1][1]

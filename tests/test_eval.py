@@ -1,9 +1,7 @@
 """Evaluation side: schema validation, verifiers, avg@k / pass@k, hub conversion and the end-to-end report."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,21 +28,13 @@ from megatron_tropd.eval.verifiers import (
     verify_math,
     verify_multiple_choice,
 )
+from tests.prepare_tool import load_prepare_tool
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 CODE_LIMITS = SandboxLimits(cpu_seconds=2, wall_seconds=5.0, memory_bytes=256 << 20)
 
 
-def _load_prepare_tool():
-    path = Path(__file__).parents[1] / "tools" / "prepare_benchmarks.py"
-    spec = importlib.util.spec_from_file_location("prepare_benchmarks", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["prepare_benchmarks"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare_tool = _load_prepare_tool()
+prepare_tool = load_prepare_tool()
 
 # ---------------------------------------------------------------------------------------------- math
 

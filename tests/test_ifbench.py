@@ -1,10 +1,7 @@
 """IFBench's constraints: one satisfying and one violating response per checker, and hub rows end to end."""
 
-import importlib.util
 import json
 import string
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -13,20 +10,9 @@ from megatron_tropd.eval.ifbench import IFBENCH_CHECKERS
 from megatron_tropd.eval.instructions import CHECKERS
 from megatron_tropd.eval.schema import load_benchmark, load_benchmarks
 from megatron_tropd.eval.verifiers import verify_item
+from tests.prepare_tool import load_prepare_tool
 
-
-def _load_prepare_tool():
-    if "prepare_benchmarks" in sys.modules:  # test_eval may have loaded it already
-        return sys.modules["prepare_benchmarks"]
-    path = Path(__file__).parents[1] / "tools" / "prepare_benchmarks.py"
-    spec = importlib.util.spec_from_file_location("prepare_benchmarks", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["prepare_benchmarks"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare_tool = _load_prepare_tool()
+prepare_tool = load_prepare_tool()
 
 
 def _mcq(lengths: list[int], preamble: str = "") -> str:

@@ -148,7 +148,7 @@ def _check_sampling(model, groups, engine) -> list[list[int]]:
 def _check_request_budget(engine, greedy: list[list[int]]) -> None:
     """A request's own ``max_new_tokens`` caps that row only (a guided rollout's budget less its prefix)."""
     requests = _requests()
-    budgets = [1, None, 0, 3]
+    budgets = [1, None, 0, 3, 2]
     capped = [GenerationRequest(r.prompt_token_ids, r.sample_id, r.prefix_token_ids, b)
               for r, b in zip(requests, budgets, strict=True)]  # fmt: skip
     results = engine.generate(capped, SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW))

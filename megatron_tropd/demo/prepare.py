@@ -14,7 +14,7 @@ from megatron_tropd.demo.task import MAX_VALUE, Problem, noisy_response, problem
 
 HELDOUT_NAME = "arithmetic"
 # Model vocabulary: the numbers 0..MAX_VALUE, the task's characters and a few merges.
-VOCAB_SIZE = 72
+VOCAB_SIZE = 64
 
 
 def _corpus(seed: int, count: int) -> list[str]:

@@ -39,7 +39,7 @@ logger = logging.getLogger("megatron_tropd.demo")
 
 WORLD_SIZE = 2
 METHODS = ("opd", "fkl", "tropd")
-PROMPT_TOKENS, RESPONSE_TOKENS = 24, 48  # longest prompt is 14 tokens, longest worked chain 38 + EOS
+PROMPT_TOKENS, RESPONSE_TOKENS = 24, 40  # longest prompt is 14 tokens, longest worked chain 33 + EOS
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class DemoSize:
 
 
 FULL = DemoSize(
-    teacher_steps=250, student_steps=120, sft_batch=64, distill_steps=40, eval_interval=10, heldout=64,
+    teacher_steps=250, student_steps=300, sft_batch=64, distill_steps=40, eval_interval=10, heldout=64,
     k=4, prompts_per_step=16, samples_per_prompt=4,
 )  # fmt: skip
 QUICK = DemoSize(
@@ -68,10 +68,10 @@ QUICK = DemoSize(
 
 
 def model_configs() -> tuple[ModelConfig, ModelConfig]:
-    """(teacher, student): the student has half the depth and width."""
+    """(teacher, student): the student has half the teacher's depth and three quarters of its width."""
     common = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=PROMPT_TOKENS + RESPONSE_TOKENS + 8)
     teacher = tiny("qwen2", num_layers=4, hidden_size=128, ffn_hidden_size=384, **common)
-    student = tiny("qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=192, **common)
+    student = tiny("qwen2", num_layers=2, hidden_size=96, ffn_hidden_size=288, **common)
     return teacher, student
 
 
@@ -121,7 +121,7 @@ def pretrain_specs(size: DemoSize, seed: int) -> list[PretrainSpec]:
         PretrainSpec("teacher", teacher, size.teacher_steps, size.sft_batch, lr=3e-3, seed=seed),
         PretrainSpec(
             "student", student, size.student_steps, size.sft_batch, lr=3e-3, seed=seed + 1,
-            skip_rate=0.4, slip_rate=0.15,
+            skip_rate=0.5, slip_rate=0.05,
         ),
     ]  # fmt: skip
 

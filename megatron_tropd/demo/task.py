@@ -2,8 +2,8 @@
 
 A problem is a start value and 2-4 operations; every intermediate value stays in ``[0, MAX_VALUE]``::
 
-    prompt:   "Q: 7 +5 *3 -4 A:"
-    teacher:  " 7+5=12; 12*3=36; 36-4=32; Final answer: 32"
+    prompt:   "Q: 7 +5 -4 *2 A:"
+    teacher:  " 7+5=12; 12-4=8; 8*2=16; Final answer: 16"
 
 The teacher learns this worked chain. The student learns from a noisier writer (``noisy_response``): it
 sometimes skips the chain and guesses, and sometimes slips by one or two on a step (carrying the slip on,
@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-MAX_VALUE = 30
+MAX_VALUE = 20
 OPERATIONS = ("+", "-", "*")
 
 

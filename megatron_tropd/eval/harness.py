@@ -21,12 +21,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_tropd.checkpoint import CheckpointError, _find_weights
+from megatron_tropd.checkpoint import CheckpointError, read_weights_config
 from megatron_tropd.data import Tokenizer
 from megatron_tropd.data import render_prompt as apply_chat_template
 from megatron_tropd.eval.schema import Benchmark, load_benchmarks
 from megatron_tropd.eval.scoring import EvalReport, Generate, evaluate, render_prompt
-from megatron_tropd.model_config import Llama3RopeScaling, ModelConfig
+from megatron_tropd.model_config import ModelConfig
 from megatron_tropd.topology import ModelGroups, ParallelLayout
 
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -35,33 +35,6 @@ DEFAULT_MAX_BATCH_SIZE = 64
 _EXPECTED = (
     "a directory written by save_model_weights or save_checkpoint, or a run root with a 'latest' marker"
 )
-
-
-def model_config_from_dict(saved: dict[str, Any]) -> ModelConfig:
-    """The ``ModelConfig`` a checkpoint's metadata stores (inverse of ``dataclasses.asdict``)."""
-    fields = dict(saved)
-    if fields.get("rope_scaling") is not None:
-        fields["rope_scaling"] = Llama3RopeScaling(**fields["rope_scaling"])
-    config = ModelConfig(**fields)
-    config.validate()
-    return config
-
-
-def read_checkpoint_config(checkpoint: str | os.PathLike) -> tuple[Path, ModelConfig]:
-    """The weights directory at ``checkpoint`` (or named by its ``latest``) and its saved ``ModelConfig``.
-
-    Local, not collective. Raises ``CheckpointError`` naming the path and what was expected.
-    """
-    path = Path(checkpoint)
-    try:
-        directory, metadata = _find_weights(path)
-        return directory, model_config_from_dict(metadata["model_config"])
-    except CheckpointError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"cannot read the model checkpoint {path} ({type(exc).__name__}: {exc}); expected {_EXPECTED}"
-        ) from None
 
 
 def limit_prompts(benchmarks: Sequence[Benchmark], max_prompts: int) -> list[Benchmark]:
@@ -126,7 +99,7 @@ def prepare_evaluation(
     pipeline_parallel: int = 1,
 ) -> PreparedEvaluation:
     """Check and load everything but the model (local, not collective); ValueError on bad input."""
-    directory, saved_config = read_checkpoint_config(checkpoint)
+    directory, saved_config = read_weights_config(checkpoint)
     model_config = model_config or saved_config
     model_config.validate_parallel(tensor_parallel, pipeline_parallel)
     if world_size is not None:

@@ -131,11 +131,12 @@ class MegatronLM(LM):
                 ".model or HF tokenizer directory>"
             )
         del ignored  # lm-eval passes device / max_batch_size, which the layout decides here
-        from megatron_tropd.eval.harness import load_model, read_checkpoint_config
+        from megatron_tropd.checkpoint import read_weights_config
+        from megatron_tropd.eval.harness import load_model
         from megatron_tropd.platform import init_distributed
 
         init_distributed()
-        directory, model_config = read_checkpoint_config(checkpoint)
+        directory, model_config = read_weights_config(checkpoint)
         model, groups = load_model(
             directory, model_config, tensor_parallel=int(tensor_parallel),
             pipeline_parallel=int(pipeline_parallel), seed=int(seed),

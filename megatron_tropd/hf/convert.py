@@ -47,7 +47,7 @@ from megatron_tropd.hf.mapping import (
     mappings_for,
     megatron_from_hf,
 )
-from megatron_tropd.model_config import Llama3RopeScaling, ModelConfig
+from megatron_tropd.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -190,16 +190,6 @@ def read_hf_checkpoint(hf_dir: str | os.PathLike) -> HfCheckpoint:
     return HfCheckpoint(directory, hf_config, model_config, tensor_files)
 
 
-def _model_config_from_dict(saved: dict[str, Any]) -> ModelConfig:
-    """Inverse of ``dataclasses.asdict(ModelConfig)`` (the JSON our checkpoints store)."""
-    fields = dict(saved)
-    if fields.get("rope_scaling") is not None:
-        fields["rope_scaling"] = Llama3RopeScaling(**fields["rope_scaling"])
-    config = ModelConfig(**fields)
-    config.validate()
-    return config
-
-
 def read_megatron_config(ckpt_dir: str | os.PathLike) -> tuple[Path, ModelConfig]:
     """The weights directory at ``ckpt_dir`` (or named by its ``latest``) and its saved ``ModelConfig``."""
     path = Path(ckpt_dir)
@@ -210,7 +200,7 @@ def read_megatron_config(ckpt_dir: str | os.PathLike) -> tuple[Path, ModelConfig
         directory / CHECKPOINT_METADATA,
         "pass a directory written by hf_to_megatron, save_model_weights or save_checkpoint",
     )
-    return directory, _model_config_from_dict(metadata["model_config"])
+    return directory, ModelConfig.from_dict(metadata["model_config"])
 
 
 def _check_output_dir(out_dir: str | os.PathLike, force: bool, source: Path) -> Path:

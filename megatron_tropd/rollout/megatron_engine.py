@@ -76,12 +76,13 @@ def sampling_uniforms(seed: int, sample_ids: torch.Tensor, position: int) -> tor
 
 
 def sample_tokens(
-    logits: torch.Tensor, vocab_size: int, sampling: SamplingParams, uniforms: torch.Tensor
+    logits: torch.Tensor, vocab_size: int, sampling: SamplingParams, uniforms: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from ``logits [b, V_padded]``: ``(tokens [b] int64, logprobs [b] fp32)``.
 
     The log-prob is that of the distribution actually sampled from (after temperature, top-k, top-p);
-    greedy (temperature 0) is a point mass, log-prob 0. Columns ``>= vocab_size`` are padding: cut off.
+    greedy (temperature 0) is a point mass, log-prob 0, and needs no ``uniforms`` (may be None).
+    Columns ``>= vocab_size`` are padding: cut off.
     """
     logits = logits[:, :vocab_size].float()  # [b, V]
     if sampling.temperature == 0.0:
@@ -207,9 +208,14 @@ class MegatronGenerationEngine:
         context = StaticInferenceContext(len(chunk), max_total)
         position = min(r.forced_length for r in chunk)  # the prefill covers what every row has forced
         step_input = state.tokens[:, :position]  # [b, s]
-        stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.int64, device=self.device)
+        # No stop tokens (the common case): skip the per-step membership test.
+        stop_ids = None
+        if sampling.stop_token_ids:
+            stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.int64, device=self.device)
+        # Built once: each step's position ids are a slice, not a fresh arange.
+        position_ids = torch.arange(max_total, device=self.device).expand(len(chunk), max_total)
         while not state.finished(position).all():
-            logits = self._forward(step_input, context)  # [b, V_padded] on the last stage, else None
+            logits = self._forward(step_input, position_ids, context)  # [b, V_padded] on the last stage
             sampled, logprobs = self._sample(logits, sampling, state.sample_ids, position)
             self._record(state, position, sampled, logprobs, stop_ids)
             step_input = state.tokens[:, position : position + 1]  # [b, 1]
@@ -217,14 +223,19 @@ class MegatronGenerationEngine:
         return [self._result(state, row, request) for row, request in enumerate(chunk)]
 
     def _record(self, state: _ChunkState, position, sampled, logprobs, stop_ids) -> None:
-        """Write the token at ``position``: forced where the row has one, sampled while it is generating."""
-        is_forced = position < state.forced_length  # [b]
-        generating = ~is_forced & ~state.finished(position)
-        next_token = torch.where(generating, sampled, torch.zeros_like(sampled))
-        state.tokens[:, position] = torch.where(is_forced, state.tokens[:, position], next_token)
-        state.logprobs[:, position] = torch.where(generating, logprobs, torch.zeros_like(logprobs))
-        state.stopped |= generating & torch.isin(sampled, stop_ids)
-        state.num_generated += generating.long()
+        """Write the token at ``position``: forced where the row has one, sampled while it is generating.
+
+        Only generating rows are written: a forced row already holds its token there, and a finished row
+        holds the pad (0) with log-prob 0 that ``_new_state`` put there (each position is written once).
+        """
+        generating = ~(
+            (position < state.forced_length) | state.stopped | (state.num_generated >= state.budget)
+        )  # [b]
+        state.tokens[:, position] = torch.where(generating, sampled, state.tokens[:, position])
+        state.logprobs[:, position] = torch.where(generating, logprobs, state.logprobs[:, position])
+        if stop_ids is not None:
+            state.stopped |= generating & torch.isin(sampled, stop_ids)
+        state.num_generated += generating
 
     def _result(self, state: _ChunkState, row: int, request: GenerationRequest) -> GenerationResult:
         forced, generated = int(state.forced_length[row]), int(state.num_generated[row])
@@ -239,14 +250,15 @@ class MegatronGenerationEngine:
             sample_id=request.sample_id,
         )
 
-    def _forward(self, step_input: torch.Tensor, context) -> torch.Tensor | None:
+    def _forward(self, step_input: torch.Tensor, position_ids: torch.Tensor, context) -> torch.Tensor | None:
         """Run this stage on ``step_input [b, s]``, handing hidden states ``[s, b, h]`` down the pipeline.
 
+        ``position_ids [b, max_total]`` covers the whole chunk; this step uses its next ``s`` columns.
         Returns the gathered last-position logits ``[b, V_padded]`` on the last stage, None elsewhere.
         """
         batch, length = step_input.shape
         offset = context.sequence_len_offset
-        position_ids = torch.arange(offset, offset + length, device=self.device).expand(batch, length)
+        position_ids = position_ids[:, offset : offset + length]
         if not self.groups.is_first_stage:
             config = self.model.config
             hidden = torch.empty(
@@ -271,11 +283,17 @@ class MegatronGenerationEngine:
 
     def _sample(self, logits, sampling: SamplingParams, sample_ids: torch.Tensor, position: int):
         """Sample on the last stage, then broadcast ``(tokens [b], logprobs [b])`` to the whole pipeline."""
+        if self.groups.is_last_stage:
+            # Greedy reads no uniforms; the hash costs a few dozen small ops per step, so skip it.
+            uniforms = None
+            if sampling.temperature != 0.0:
+                uniforms = sampling_uniforms(sampling.seed, sample_ids, position)
+            tokens, logprobs = sample_tokens(logits, self.vocab_size, sampling, uniforms)
+            if self.groups.layout.pipeline_parallel == 1:
+                return tokens, logprobs  # nothing to broadcast
         batch = sample_ids.shape[0]
         packed = torch.zeros(2, batch, dtype=torch.float64, device=self.device)  # token ids < 2**53: exact
         if self.groups.is_last_stage:
-            uniforms = sampling_uniforms(sampling.seed, sample_ids, position)
-            tokens, logprobs = sample_tokens(logits, self.vocab_size, sampling, uniforms)
             packed[0], packed[1] = tokens.double(), logprobs.double()
         if self.groups.layout.pipeline_parallel > 1:
             dist.broadcast(packed, src=self.groups.pipeline_ranks[-1], group=self.groups.pp_group)
