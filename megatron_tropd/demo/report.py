@@ -70,7 +70,14 @@ def markdown(summaries: dict[str, dict], models: list[dict], k: int, timings: di
             f"{s['mean_trust_fraction']:.3f} | {s['mean_p_trust']:.3f} | {s['mean_response_length']:.1f} | "
             f"{timings.get(method, math.nan):.0f} |"
         )
-    lines += ["", f"Total wall time: {timings.get('total', math.nan):.0f} s.", ""]
+    lines += [
+        "",
+        "The trust fraction is the share of student tokens drawn into the trust region (M = 1); every run "
+        "draws it, only TrOPD's loss uses it. TrOPD alone continues teacher-written prefixes (guidance).",
+        "",
+        f"Total wall time: {timings.get('total', math.nan):.0f} s.",
+        "",
+    ]
     return "\n".join(line for line in lines if line is not None) + "\n"
 
 
