@@ -122,7 +122,7 @@ def run(args) -> dict:
     # Best-of-repeats: on a shared machine the fastest run is the one least disturbed by other jobs.
     megatron_tps = new_tokens / min(timings["megatron_seconds"])
     hf_tps = new_tokens / min(timings["hf_seconds"])
-    medians = {k: new_tokens / statistics.median(v) for k, v in timings.items()}
+    medians = {k.removesuffix("_seconds"): new_tokens / statistics.median(v) for k, v in timings.items()}
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "host": platform.node(),
@@ -133,7 +133,7 @@ def run(args) -> dict:
         "hf_tokens_per_s": hf_tps,
         "megatron_over_hf": megatron_tps / hf_tps,
         "median_tokens_per_s": medians,
-        "megatron_over_hf_median": medians["megatron_seconds"] / medians["hf_seconds"],
+        "megatron_over_hf_median": medians["megatron"] / medians["hf"],
         "seconds": timings,
     }
 
