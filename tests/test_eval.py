@@ -24,6 +24,7 @@ from megatron_tropd.eval.verifiers import (
     extract_boxed,
     extract_choice,
     verify_code,
+    verify_instructions,
     verify_item,
     verify_math,
     verify_multiple_choice,
@@ -327,6 +328,8 @@ def test_prepare_field_mappings(prepared):
     assert [i.id for i in mmlu.items] == ["anatomy-0", "astronomy-0"] and mmlu.items[0].answer == "C"
     assert manifest["MMLU-Redux"]["skipped"] == {"filtered": 1}
     assert manifest["IFBench"]["skipped"] == {"no checker for language:response_language": 1}
+    assert manifest["IFBench"]["loose"] is True and by_name["IFBench"].loose  # the paper's IFBench score
+    assert not any(b.loose for name, b in by_name.items() if name != "IFBench")
     word_limit = by_name["IFBench"].items[0].constraints[1]
     assert (word_limit.type, word_limit.kwargs) == ("word_count", {"max_words": 19})  # "less than 20"
     stdin_item, functional_item = by_name["LCB-v6"].items
@@ -418,3 +421,24 @@ def test_markdown_marks_missing_benchmarks(prepared):
     full = evaluate(benchmarks, generate, k=2, temperature=1.0, run="full")
     partial = evaluate(benchmarks[:1], generate, k=2, temperature=1.0, run="partial")
     assert markdown_table([full, partial]).splitlines()[3] == "| partial | 100.0 | - | 100.0 |"
+
+
+def test_loose_instruction_score_forgives_a_preamble_and_markdown_emphasis():
+    item = Item("x", "Answer in lowercase, ending with 'bye'.", constraints=(
+        Constraint("all_lowercase", {}), Constraint("ends_with", {"phrase": "bye"})
+    ))  # fmt: skip
+    with_preamble = "Sure! Here it is:\nhello there, bye"
+    emphasised = "**hello** there, *bye*"
+    for response in (with_preamble, emphasised):
+        assert not verify_instructions(response, item).correct
+        assert verify_instructions(response, item, loose=True).correct
+    assert not verify_instructions("HELLO\nSHOUTING, bye", item, loose=True).correct
+    assert "all_lowercase" in verify_instructions("HELLO\nSHOUTING, bye", item, loose=True).reason
+
+
+def test_loose_flag_is_only_for_instruction_benchmarks(tmp_path):
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "1", "prompt": "1+1?", "answer": "2"}) + "\n")
+    manifest = {"m": {"file": "m.jsonl", "family": "math", "loose": True}}
+    (tmp_path / "benchmarks.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="only instruction-following benchmarks have a loose score"):
+        load_benchmarks(tmp_path)

@@ -72,6 +72,7 @@ def runs(tmp_path_factory):
     _write_benchmarks(base / "bench", reference)
     assert main(_cli_args(base, "tp2", "tp2", "--tp", "2", "--cpu-ranks", "2")) == 0
     assert main(_cli_args(base, "dp2", "dp2", "--cpu-ranks", "2")) == 0
+    assert main(_cli_args(base, "pp2", "pp2", "--pp", "2", "--cpu-ranks", "2")) == 0
     return base, reference
 
 
@@ -83,7 +84,7 @@ def _samples(path: Path) -> dict[str, list[str]]:
     return by_item
 
 
-@pytest.mark.parametrize("run", ["tp2", "dp2"])
+@pytest.mark.parametrize("run", ["tp2", "dp2", "pp2"])
 def test_cli_reproduces_one_rank_responses_and_scores(runs, run):
     base, reference = runs
     out = base / run

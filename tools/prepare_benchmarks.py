@@ -52,6 +52,8 @@ class HubSource:
     """A dataset config; "*" means every config (MMLU-Redux has one per subject)."""
     files: tuple[str, ...] = ()
     """Raw JSONL files in the hub repo, read instead of ``datasets`` (LiveCodeBench)."""
+    loose: bool = False
+    """Scored with the loose instruction-following accuracy (the paper's IFBench number)."""
     keep: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Only rows whose hub column has one of these values."""
     date_window: tuple[str, str] | None = None
@@ -100,6 +102,7 @@ SOURCES: dict[str, HubSource] = {
         {"id": "key", "prompt": "prompt", "instruction_ids": "instruction_id_list", "kwargs": "kwargs"},
         "instruction_ids",
         split="train",
+        loose=True,
     ),
     # release_v6 is the union of these six files; the paper does not state its date window.
     "LCB-v6": HubSource(
@@ -328,6 +331,8 @@ def prepare(out_dir: Path, names: list[str], local_dir: Path | None = None) -> d
         temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in converted), "utf-8")
         temporary.replace(out_dir / filename)  # never leave a half-written benchmark behind
         manifest[name] = {"family": spec.family, "file": filename, "source": spec.repo, "skipped": skipped}
+        if spec.loose:
+            manifest[name]["loose"] = True
     (out_dir / "benchmarks.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return manifest
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,9 @@ class Benchmark:
     name: str
     family: str
     items: tuple[Item, ...]
+    loose: bool = False
+    """Instruction following only: score IFEval's loose prompt-level accuracy (``benchmarks.json``
+    entry ``"loose": true``), as the paper reports for IFBench."""
 
 
 class _LineError(Exception):
@@ -208,7 +211,18 @@ def load_benchmarks(directory: str | Path, names: list[str] | None = None) -> li
     if unknown := [n for n in wanted if n not in manifest]:
         manifest_path = directory / "benchmarks.json"
         raise ValueError(f"benchmarks {unknown} not in {manifest_path}; have {list(manifest)}")
-    return [load_benchmark(directory / manifest[n]["file"], manifest[n]["family"], n) for n in wanted]
+    return [_load_entry(directory, n, manifest[n]) for n in wanted]
+
+
+def _load_entry(directory: Path, name: str, entry: dict) -> Benchmark:
+    benchmark = load_benchmark(directory / entry["file"], entry["family"], name)
+    loose = entry.get("loose", False)
+    if not isinstance(loose, bool) or (loose and benchmark.family != "instruction"):
+        raise ValueError(
+            f"{directory / 'benchmarks.json'}: benchmark {name!r}: 'loose' must be true or false, and "
+            "only instruction-following benchmarks have a loose score"
+        )
+    return replace(benchmark, loose=loose)
 
 
 def item_to_row(item: Item, family: str) -> dict[str, Any]:

@@ -142,7 +142,9 @@ def evaluate_benchmark(
     responses = _generate_checked(generate, prompts, k, temperature)
     samples, correct = [], []
     for item, item_responses in zip(benchmark.items, responses, strict=True):
-        verdicts = [verify_item(benchmark.family, item, r, code_limits) for r in item_responses]
+        verdicts = [
+            verify_item(benchmark.family, item, r, code_limits, benchmark.loose) for r in item_responses
+        ]
         correct.append([v.correct for v in verdicts])
         samples += [
             SampleResult(item.id, i, v.correct, v.reason, r)

@@ -182,9 +182,24 @@ def verify_multiple_choice(response: str, answer: str, num_options: int) -> Verd
 # ------------------------------------------------------------------------------------- instructions
 
 
-def verify_instructions(response: str, item: Item) -> Verdict:
-    """Correct when every constraint holds (IFEval's strict prompt-level accuracy)."""
-    failed = [c.type for c in item.constraints if not CHECKERS[c.type](response, **c.kwargs)]
+def loose_variants(response: str) -> list[str]:
+    """IFEval's loose forms of a response: without its first line, its last line or both (a preamble or
+    sign-off), each also with the markdown emphasis ``*`` removed."""
+    lines = response.split("\n")
+    cut = ["\n".join(lines[1:]), "\n".join(lines[:-1]), "\n".join(lines[1:-1])]
+    forms = [response, *cut]
+    return forms + [form.replace("*", "") for form in forms]
+
+
+def verify_instructions(response: str, item: Item, loose: bool = False) -> Verdict:
+    """Correct when every constraint holds: IFEval's strict prompt-level accuracy, or with ``loose`` the
+    loose one, where a constraint holds if any of ``loose_variants`` satisfies it."""
+    forms = loose_variants(response) if loose else [response]
+    failed = [
+        c.type
+        for c in item.constraints
+        if not any(CHECKERS[c.type](form, **c.kwargs) for form in forms if form)
+    ]
     return Verdict(not failed, f"failed constraints: {failed}" if failed else "")
 
 
@@ -247,21 +262,26 @@ def verify_code(response: str, item: Item, limits: SandboxLimits | None = None) 
 # ------------------------------------------------------------------------------------------ dispatch
 
 
-def _dispatch(family: str, item: Item, response: str, code_limits: SandboxLimits | None) -> Verdict:
+def _dispatch(
+    family: str, item: Item, response: str, code_limits: SandboxLimits | None, loose: bool
+) -> Verdict:
     if family == "math":
         return verify_math(response, item.answer)
     if family == "multiple_choice":
         return verify_multiple_choice(response, item.answer, len(item.options))
     if family == "instruction":
-        return verify_instructions(response, item)
+        return verify_instructions(response, item, loose)
     if family == "code":
         return verify_code(response, item, code_limits)
     raise ValueError(f"unknown benchmark family {family!r}")
 
 
-def verify_item(family: str, item: Item, response: str, code_limits: SandboxLimits | None = None) -> Verdict:
-    """Verify one response; a crash in the verifier is a failed verdict with the reason, never a raise."""
+def verify_item(
+    family: str, item: Item, response: str, code_limits: SandboxLimits | None = None, loose: bool = False
+) -> Verdict:
+    """Verify one response; a crash in the verifier is a failed verdict with the reason, never a raise.
+    ``loose``: the loose instruction-following score (see ``verify_instructions``)."""
     try:
-        return _dispatch(family, item, response, code_limits)
+        return _dispatch(family, item, response, code_limits, loose)
     except Exception as error:  # noqa: BLE001 - any verifier bug must not end the evaluation
         return Verdict(False, f"verifier error: {type(error).__name__}: {error}")
