@@ -16,6 +16,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,10 @@ from megatron_tropd.rollout.engine import (
     SamplingParams,
     to_rollout_batch,
 )
-from megatron_tropd.rollout.text import TextGenerator, generate_data_parallel
+from megatron_tropd.rollout.text import generate_data_parallel
+
+if TYPE_CHECKING:  # the evaluation modules load only when eval.interval > 0
+    from megatron_tropd.eval.scoring import Generate
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ class InTrainingEval:
     """The held-out benchmarks and the student's text generator (``eval.interval > 0``)."""
 
     benchmarks: list
-    generate: TextGenerator
+    generate: Generate
 
 
 def _build_models(config: RunConfig):
@@ -98,32 +102,23 @@ def _engines(config: RunConfig, topology, student, teacher):
 
 
 def _in_training_eval(config: RunConfig, topology, student, tokenizer: Tokenizer | None):
-    """Benchmarks and a generator on the student's layout, sized to the longest benchmark prompt."""
-    from dataclasses import replace
-
-    from megatron_tropd.data import render_prompt
-    from megatron_tropd.eval import scoring
+    """The held-out benchmarks, checked against the student's context, and the same ``generate`` as
+    ``tropd eval`` over the student's own layout."""
+    from megatron_tropd.eval.harness import build_generate, check_prompt_lengths, limit_prompts
     from megatron_tropd.eval.schema import load_benchmarks
-    from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
 
     e = config.eval
     if tokenizer is None:
         raise ValueError("eval.interval > 0 needs data.tokenizer: benchmarks are text")
-    benchmarks = load_benchmarks(e.benchmarks, list(e.names) or None)
-    if e.max_prompts:
-        benchmarks = [replace(b, items=b.items[: e.max_prompts]) for b in benchmarks]
-    longest = max(
-        len(tokenizer.encode(render_prompt(scoring.render_prompt(item, b.family, e.raw_prompts),
-                                           config.data.chat_template, tokenizer)))
-        for b in benchmarks for item in b.items
+    benchmarks = limit_prompts(load_benchmarks(e.benchmarks, list(e.names) or None), e.max_prompts)
+    check_prompt_lengths(
+        benchmarks, tokenizer, chat_template=config.data.chat_template, raw_prompts=e.raw_prompts,
+        max_new_tokens=e.max_new_tokens, context_length=config.student.max_position_embeddings,
     )  # fmt: skip
-    batch = max(1, config.rollout.rollouts_per_step // topology.student.data_parallel)
-    engine = MegatronGenerationEngine(
-        student.module, topology.student, config.student.vocab_size, longest + e.max_new_tokens, batch
-    )
-    generate = TextGenerator(
-        engine, tokenizer, topology.student, max_new_tokens=e.max_new_tokens,
+    generate = build_generate(
+        student.module, topology.student, tokenizer, config.student, max_new_tokens=e.max_new_tokens,
         chat_template=config.data.chat_template, seed=config.seed,
+        max_batch_size=max(1, config.rollout.rollouts_per_step // topology.student.data_parallel),
     )  # fmt: skip
     return InTrainingEval(benchmarks, generate)
 

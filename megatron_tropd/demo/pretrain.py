@@ -100,18 +100,14 @@ def _train_one(spec: PretrainSpec, groups, tokenizer: Tokenizer, out: Path, rank
 
 def _accuracy(module, groups, spec: PretrainSpec, tokenizer: Tokenizer, evaluation: EvalSettings) -> float:
     """avg@k of a freshly trained model on the held-out benchmark (the same protocol as the loop's)."""
+    from megatron_tropd.eval.harness import build_generate
     from megatron_tropd.eval.schema import load_benchmarks
     from megatron_tropd.eval.scoring import evaluate
-    from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
-    from megatron_tropd.rollout.text import TextGenerator
 
     benchmarks = load_benchmarks(evaluation.benchmarks)
-    engine = MegatronGenerationEngine(
-        module, groups, spec.model.vocab_size, evaluation.max_sequence_length, evaluation.max_batch_size
-    )
-    generate = TextGenerator(
-        engine, tokenizer, groups, max_new_tokens=evaluation.max_new_tokens, chat_template="none",
-        seed=evaluation.seed,
+    generate = build_generate(
+        module, groups, tokenizer, spec.model, max_new_tokens=evaluation.max_new_tokens, chat_template="none",
+        max_batch_size=evaluation.max_batch_size, seed=evaluation.seed,
     )  # fmt: skip
     report = evaluate(benchmarks, generate, evaluation.k, evaluation.temperature, raw_prompts=True)
     return report.average
@@ -125,7 +121,6 @@ class EvalSettings:
     k: int
     temperature: float
     max_new_tokens: int
-    max_sequence_length: int
     max_batch_size: int
     seed: int
 

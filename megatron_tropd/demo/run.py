@@ -17,7 +17,7 @@ import argparse
 import logging
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_tropd.config import (
@@ -39,6 +39,7 @@ logger = logging.getLogger("megatron_tropd.demo")
 
 WORLD_SIZE = 2
 METHODS = ("opd", "fkl", "tropd")
+EVAL_TEMPERATURE = 0.6  # the models' own measurement and the runs' in-loop evaluation share it
 PROMPT_TOKENS, RESPONSE_TOKENS = 24, 40  # longest prompt is 14 tokens, longest worked chain 33 + EOS
 
 
@@ -109,8 +110,8 @@ def _rows_per_rank(size: DemoSize) -> int:
 
 def eval_settings(files: DemoFiles, size: DemoSize, seed: int) -> EvalSettings:
     return EvalSettings(
-        benchmarks=str(files.heldout), k=size.k, temperature=0.6, max_new_tokens=RESPONSE_TOKENS,
-        max_sequence_length=PROMPT_TOKENS + RESPONSE_TOKENS, max_batch_size=_rows_per_rank(size), seed=seed,
+        benchmarks=str(files.heldout), k=size.k, temperature=EVAL_TEMPERATURE, max_new_tokens=RESPONSE_TOKENS,
+        max_batch_size=_rows_per_rank(size), seed=seed,
     )  # fmt: skip
 
 
@@ -147,7 +148,7 @@ def distill_config(method: str, files: DemoFiles, size: DemoSize, seed: int) -> 
         ),
         eval=EvalConfig(
             interval=size.eval_interval, benchmarks=str(files.heldout), samples_per_prompt=size.k,
-            temperature=0.6, max_new_tokens=RESPONSE_TOKENS, raw_prompts=True,
+            temperature=EVAL_TEMPERATURE, max_new_tokens=RESPONSE_TOKENS, raw_prompts=True,
         ),
         logging=LoggingConfig(tensorboard=False),
         train_steps=size.distill_steps, seed=seed,
@@ -220,8 +221,3 @@ def main(argv: list[str] | None = None) -> int:
     print(paths["markdown"].read_text(encoding="utf-8"))
     logger.info("report: %s, %s, %s", *paths.values())
     return 0
-
-
-def with_size(size: DemoSize, **changes) -> DemoSize:
-    """A copy of ``size`` with some knobs changed (experiments and tests)."""
-    return replace(size, **changes)

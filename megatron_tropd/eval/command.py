@@ -14,7 +14,6 @@ rank starts.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -130,26 +129,14 @@ def _distinct_runs(reports: list, sources: list[str]) -> list:
 
 def compare(directories: list[str], out_dir: str | Path) -> dict[str, Path]:
     """One table (results.md), summary (results.json) and chart (results.png) of earlier runs."""
-    from megatron_tropd.eval.scoring import load_results, markdown_table, plot_comparison
+    from megatron_tropd.eval.scoring import load_results, write_summary
 
     reports, sources = [], []
     for directory in directories:
         loaded = load_results(directory)
         reports += loaded
         sources += [directory] * len(loaded)
-    reports = _distinct_runs(reports, sources)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "markdown": out_dir / "results.md",
-        "json": out_dir / "results.json",
-        "png": out_dir / "results.png",
-    }
-    paths["markdown"].write_text(markdown_table(reports), encoding="utf-8")
-    summary = {"runs": [r.summary() for r in reports]}
-    paths["json"].write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    plot_comparison(reports, paths["png"])
-    return paths
+    return write_summary(_distinct_runs(reports, sources), out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,7 +69,7 @@ def check_prompt_lengths(
                     f"benchmark {benchmark.name!r} item {item.id!r}: the prompt has {length} tokens and "
                     f"with max_new_tokens={max_new_tokens} needs {length + max_new_tokens} positions, but "
                     f"the model's context is {context_length} (max_position_embeddings): lower "
-                    "--max-new-tokens or leave the item out"
+                    "max_new_tokens (--max-new-tokens, eval.max_new_tokens) or leave the item out"
                 )
 
 

@@ -224,8 +224,8 @@ def plot_comparison(reports: Sequence[EvalReport], path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(reports: Sequence[EvalReport], out_dir: str | Path) -> dict[str, Path]:
-    """Write results.md (paper table), results.json (metrics), samples-<run>.jsonl and results.png."""
+def write_summary(reports: Sequence[EvalReport], out_dir: str | Path) -> dict[str, Path]:
+    """Write results.md (paper table), results.json (metrics) and results.png; no per-sample files."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -235,12 +235,18 @@ def write_report(reports: Sequence[EvalReport], out_dir: str | Path) -> dict[str
     paths["markdown"].write_text(markdown_table(reports), encoding="utf-8")
     summary = {"runs": [r.summary() for r in reports]}
     paths["json"].write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    plot_comparison(reports, paths["png"])
+    return paths
+
+
+def write_report(reports: Sequence[EvalReport], out_dir: str | Path) -> dict[str, Path]:
+    """``write_summary`` plus samples-<run>.jsonl: every sample's response, verdict and reason."""
+    paths = write_summary(reports, out_dir)
     for report in reports:
-        with open(out_dir / f"samples-{report.run}.jsonl", "w", encoding="utf-8") as handle:
+        with open(Path(out_dir) / f"samples-{report.run}.jsonl", "w", encoding="utf-8") as handle:
             for bench in report.benchmarks:
                 for sample in bench.samples:
                     handle.write(json.dumps({"benchmark": bench.name, **asdict(sample)}) + "\n")
-    plot_comparison(reports, paths["png"])
     return paths
 
 
