@@ -14,11 +14,12 @@ token by token, which is the situation on-policy distillation is for. The final 
 
 from __future__ import annotations
 
+import operator
 import random
 from dataclasses import dataclass
 
 MAX_VALUE = 20
-OPERATIONS = ("+", "-", "*")
+OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,7 @@ class Problem:
 
 
 def apply(value: int, operation: str, operand: int) -> int:
-    if operation == "+":
-        return value + operand
-    if operation == "-":
-        return value - operand
-    return value * operand
+    return OPERATIONS[operation](value, operand)
 
 
 def _allowed_steps(value: int) -> list[tuple[str, int]]:
