@@ -26,6 +26,8 @@ import torch.distributed as dist
 
 from megatron_tropd.spawn import run_on_ranks
 
+DECODERS = ("cached", "megatron")  # the engine's two decode paths (``MegatronGenerationEngine(decoder=)``)
+
 
 def model_config(args):
     from megatron_tropd.models import tiny
@@ -36,8 +38,8 @@ def model_config(args):
     )  # fmt: skip
 
 
-def _megatron_generate(args, prompts: torch.Tensor):
-    """Build the engine; return a function that generates the batch once."""
+def _megatron_generates(args, prompts: torch.Tensor) -> dict:
+    """Build the model once; return, per decoder, a function that generates the batch once."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_tropd.models import build_gpt_model
@@ -53,18 +55,23 @@ def _megatron_generate(args, prompts: torch.Tensor):
         model_config(args), groups.pg_collection, pre_process=True, post_process=True,
         tensor_parallel_size=args.tp, pipeline_parallel_size=1, seed=0,
     )  # fmt: skip
-    engine = MegatronGenerationEngine(
-        model, groups, args.vocab, max_sequence_length=prompts.shape[1] + args.new_tokens,
-        max_batch_size=prompts.shape[0],
-    )  # fmt: skip
     requests = [GenerationRequest(tuple(row.tolist()), sample_id=i) for i, row in enumerate(prompts)]
     sampling = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens)
 
-    def run():
-        results = engine.generate(requests, sampling)
-        assert all(len(r.generated_token_ids) == args.new_tokens for r in results)
+    def runner(decoder: str):
+        engine = MegatronGenerationEngine(
+            model, groups, args.vocab, max_sequence_length=prompts.shape[1] + args.new_tokens,
+            max_batch_size=prompts.shape[0], decoder=decoder,
+        )  # fmt: skip
 
-    return run
+        def run():
+            results = engine.generate(requests, sampling)
+            assert all(len(r.generated_token_ids) == args.new_tokens for r in results)
+            return [r.generated_token_ids for r in results]
+
+        return run
+
+    return {decoder: runner(decoder) for decoder in DECODERS}
 
 
 def _hf_generate(args, prompts: torch.Tensor):
@@ -95,45 +102,50 @@ def _seconds(fn) -> float:
 
 
 def bench_worker(rank: int, world_size: int, args) -> dict:
-    """Alternate engine and HF runs (one warm-up each), so load from other jobs hits both alike."""
+    """Alternate the engine's decoders and HF (one warm-up each), so load from other jobs hits all alike."""
     generator = torch.Generator().manual_seed(123)
     prompts = torch.randint(1, args.vocab, (args.batch, args.prompt_length), generator=generator)  # [B, P]
-    megatron_run = _megatron_generate(args, prompts)
+    runs = _megatron_generates(args, prompts)
     hf_run = _hf_generate(args, prompts) if rank == 0 else None
     rank_threads, all_threads = torch.get_num_threads(), os.cpu_count() or 1
-    seconds = {"megatron_seconds": [], "hf_seconds": []}
+    seconds = {name: [] for name in (*DECODERS, "hf")}
+    tokens = {}
     for repeat in range(args.repeats + 1):
-        megatron = _seconds(megatron_run)
+        timed = {}
+        for decoder, run_once in runs.items():
+            start = time.perf_counter()
+            tokens[decoder] = run_once()
+            timed[decoder] = time.perf_counter() - start
         dist.barrier()
         if rank == 0:
             torch.set_num_threads(all_threads)  # HF runs alone: every core the ranks shared
-            hf = _seconds(hf_run)
+            timed["hf"] = _seconds(hf_run)
             torch.set_num_threads(rank_threads)
             if repeat > 0:  # repeat 0 is the warm-up
-                seconds["megatron_seconds"].append(megatron)
-                seconds["hf_seconds"].append(hf)
+                for name, value in timed.items():
+                    seconds[name].append(value)
         dist.barrier()
-    return seconds
+    return {"seconds": seconds, "same_tokens": tokens["cached"] == tokens["megatron"]}
 
 
 def run(args) -> dict:
-    timings = run_on_ranks(bench_worker, args.tp, args)[0]
+    measured = run_on_ranks(bench_worker, args.tp, args)[0]
+    timings = measured["seconds"]
     new_tokens = args.batch * args.new_tokens
     # Best-of-repeats: on a shared machine the fastest run is the one least disturbed by other jobs.
-    megatron_tps = new_tokens / min(timings["megatron_seconds"])
-    hf_tps = new_tokens / min(timings["hf_seconds"])
-    medians = {k.removesuffix("_seconds"): new_tokens / statistics.median(v) for k, v in timings.items()}
+    best = {name: new_tokens / min(values) for name, values in timings.items()}
+    medians = {name: new_tokens / statistics.median(values) for name, values in timings.items()}
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "host": platform.node(),
         "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
-        "megatron_tokens_per_s": megatron_tps,
-        "hf_tokens_per_s": hf_tps,
-        "megatron_over_hf": megatron_tps / hf_tps,
+        "tokens_per_s": best,
+        "over_hf": {name: best[name] / best["hf"] for name in DECODERS},
         "median_tokens_per_s": medians,
-        "megatron_over_hf_median": medians["megatron"] / medians["hf"],
+        "over_hf_median": {name: medians[name] / medians["hf"] for name in DECODERS},
+        "greedy_tokens_equal": measured["same_tokens"],
         "seconds": timings,
     }
 
@@ -153,13 +165,19 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/generation.json"))
     args = parser.parse_args(argv)
     results = run(args)
-    print(
-        f"device={results['device']} batch={args.batch} prompt={args.prompt_length} new={args.new_tokens} "
-        f"TP={args.tp}\n  megatron engine: {results['megatron_tokens_per_s']:8.1f} tokens/s\n"
-        f"  HF generate:     {results['hf_tokens_per_s']:8.1f} tokens/s\n"
-        f"  ratio megatron / HF: {results['megatron_over_hf']:.2f} (best of {args.repeats}; median "
-        f"{results['megatron_over_hf_median']:.2f})"
+    lines = [
+        f"device={results['device']} batch={args.batch} prompt={args.prompt_length} "
+        f"new={args.new_tokens} TP={args.tp} (best of {args.repeats}; ratios against HF generate)"
+    ]
+    for name in (*DECODERS, "hf"):
+        ratio = ""
+        if name != "hf":
+            ratio = f"  x{results['over_hf'][name]:.2f} (median x{results['over_hf_median'][name]:.2f})"
+        lines.append(f"  {name:<9} {results['tokens_per_s'][name]:8.1f} tokens/s{ratio}")
+    lines.append(
+        f"  cached and megatron decoders gave the same greedy tokens: {results['greedy_tokens_equal']}"
     )
+    print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
 

@@ -266,6 +266,7 @@ class ParallelConfig:
 
 GUIDANCE_SCHEDULES = ("cosine", "linear", "constant")
 OVERLONG_PROMPT_POLICIES = ("skip", "fail")
+DECODERS = ("auto", "cached", "megatron")
 
 
 @dataclass
@@ -308,6 +309,12 @@ class RolloutConfig:
     seed: int = 0
     """Seed of the sampling and of the prefix-length draws."""
 
+    decoder: str = "auto"
+    """Decode path of generation (rollouts, guidance, in-loop evaluation): "cached" reads the model's
+    parameters directly and keeps keys rotated in its cache (``rollout/decoder.py``); "megatron" runs
+    ``GPTModel.forward`` with Megatron's static KV cache; "auto" takes "cached" wherever it can run the
+    model exactly (every family here) and "megatron" otherwise."""
+
     def validate(self) -> None:
         for name in ("prompts_per_step", "samples_per_prompt", "max_prompt_length", "max_new_tokens"):
             _check_int(f"rollout.{name}", getattr(self, name), 1, "a positive count")
@@ -319,6 +326,7 @@ class RolloutConfig:
         _check_int("rollout.top_k", self.top_k, 0, "0 disables top-k sampling")
         _check_range("rollout.guided_fraction", self.guided_fraction, 0.0, 1.0, "[]", "share of rollouts")
         _check_choice("rollout.guidance_schedule", self.guidance_schedule, GUIDANCE_SCHEDULES)
+        _check_choice("rollout.decoder", self.decoder, DECODERS)
 
     @property
     def rollouts_per_step(self) -> int:

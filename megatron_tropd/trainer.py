@@ -92,11 +92,12 @@ def _engines(config: RunConfig, topology, student, teacher):
 
     max_length = config.rollout.max_prompt_length + config.rollout.max_new_tokens
     batch = max(1, config.rollout.rollouts_per_step // topology.student.data_parallel)
+    decoder = config.rollout.decoder
     student_engine = MegatronGenerationEngine(
-        student.module, topology.student, config.student.vocab_size, max_length, batch
+        student.module, topology.student, config.student.vocab_size, max_length, batch, decoder
     )
     teacher_engine = MegatronGenerationEngine(
-        teacher, topology.teacher, config.teacher.vocab_size, max_length, batch
+        teacher, topology.teacher, config.teacher.vocab_size, max_length, batch, decoder
     )
     return student_engine, teacher_engine
 
@@ -119,6 +120,7 @@ def _in_training_eval(config: RunConfig, topology, student, tokenizer: Tokenizer
         student.module, topology.student, tokenizer, config.student, max_new_tokens=e.max_new_tokens,
         chat_template=config.data.chat_template, seed=config.seed,
         max_batch_size=max(1, config.rollout.rollouts_per_step // topology.student.data_parallel),
+        decoder=config.rollout.decoder,
     )  # fmt: skip
     return InTrainingEval(benchmarks, generate)
 

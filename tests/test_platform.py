@@ -284,6 +284,13 @@ def _distributed_optimizer_worker(rank: int, world_size: int, checkpoint_dir: st
     }
 
 
+def _cuda_allocation() -> str:
+    try:
+        return "allowed" if torch.zeros(2, device="cuda").device.type == "cuda" else "cpu"
+    except (AssertionError, RuntimeError):  # torch built without CUDA
+        return "refused"
+
+
 def _cpu_mode_toggle_worker(rank: int, world_size: int) -> dict:
     """enable/disable semantics, and init_distributed without launcher variables."""
     from megatron.core import utils as megatron_utils
@@ -315,6 +322,9 @@ def _cpu_mode_toggle_worker(rank: int, world_size: int) -> dict:
     checks["buffer_device"] = (
         megatron_utils.GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "x").device.type
     )
+    with platform.cpu_mode_suspended():  # no interception inside: a "cuda" placement is refused again
+        checks["suspended_alloc"] = _cuda_allocation()
+    checks["resumed_alloc"] = _cuda_allocation()
 
     # The tracker forks the CPU stream: draws inside a fork are reproducible and leave the outer stream alone.
     megatron_random.model_parallel_cuda_manual_seed(7, tp_rank=0, ep_rank=0, etp_rank=0)
@@ -342,11 +352,7 @@ def _cpu_mode_toggle_worker(rank: int, world_size: int) -> dict:
         "tracker_class": megatron_random.CudaRNGStatesTracker is originals["tracker_class"],
     }
     checks["type_off"] = torch.ones(2).type()
-    try:
-        torch.zeros(1, device="cuda")
-        checks["cuda_alloc_after_disable"] = "allowed"
-    except (AssertionError, RuntimeError):
-        checks["cuda_alloc_after_disable"] = "refused"
+    checks["cuda_alloc_after_disable"] = _cuda_allocation()
 
     # Without launcher variables init_distributed starts a single-process gloo group by itself.
     platform.shutdown_distributed()
@@ -441,6 +447,7 @@ def test_cpu_mode_is_idempotent_and_reversible():
     assert checks["same_stub_and_tracker"]
     assert checks["cuda_alloc_device"] == checks["to_int_device"] == checks["buffer_device"] == "cpu"
     assert checks["cuda_is_identity"]
+    assert (checks["suspended_alloc"], checks["resumed_alloc"]) == ("refused", "cpu")
     assert checks["type_on"] == "torch.cuda.FloatTensor"
     assert checks["fork_reproducible"] and checks["outer_stream_untouched"]
     assert not checks["flag_off"]

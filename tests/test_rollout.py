@@ -8,7 +8,6 @@ checks and returns the tokens, so the layouts can be compared with each other in
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megatron_tropd.rollout.engine import (
     GenerationRequest,
@@ -18,6 +17,7 @@ from megatron_tropd.rollout.engine import (
 )
 from megatron_tropd.rollout.megatron_engine import filter_logprobs, sample_tokens
 from megatron_tropd.spawn import run_on_ranks
+from tests.model_reference import full_logits, right_padded
 
 VOCAB_SIZE = 300  # tiny(): not a multiple of the padding, so padded logit columns exist
 MODEL_SEED = 7
@@ -37,45 +37,11 @@ def _requests() -> list[GenerationRequest]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _full_logits(model, groups, tokens: torch.Tensor) -> torch.Tensor:
-    """``[b, s, V_padded]`` logits of a full forward (no cache) on every rank: the reference."""
-    batch, length = tokens.shape
-    position_ids = torch.arange(length).expand(batch, length)
-    if not groups.is_first_stage:
-        hidden = torch.empty(length, batch, model.config.hidden_size)
-        dist.recv(hidden, src=groups.pipeline_ranks[groups.position.pp_rank - 1], group=groups.pp_group)
-        model.set_input_tensor(hidden)
-    output = model(tokens, position_ids, None)
-    if groups.is_last_stage:
-        shards = [torch.empty_like(output) for _ in range(groups.layout.tensor_parallel)]
-        dist.all_gather(shards, output.contiguous(), group=groups.tp_group)
-        logits = torch.cat(shards, dim=-1)
-    else:
-        dist.send(
-            output.contiguous(), dst=groups.pipeline_ranks[groups.position.pp_rank + 1], group=groups.pp_group
-        )
-        logits = None
-    if groups.layout.pipeline_parallel > 1:
-        shape = torch.zeros(3, dtype=torch.int64) if logits is None else torch.tensor(logits.shape)
-        dist.broadcast(shape, src=groups.pipeline_ranks[-1], group=groups.pp_group)
-        logits = torch.empty(*shape.tolist()) if logits is None else logits
-        dist.broadcast(logits, src=groups.pipeline_ranks[-1], group=groups.pp_group)
-    return logits
-
-
-def _right_padded(rows: list[list[int]]) -> torch.Tensor:
-    """``[b, max_len]``: causal logits at a row's positions do not depend on the padding after it."""
-    tokens = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.int64)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row)
-    return tokens
-
-
 def _greedy_reference(model, groups, requests: list[GenerationRequest], max_new: int) -> list[list[int]]:
     """Greedy continuations by recomputing every whole sequence each step (argmax over the true vocab)."""
     rows = [[*r.prompt_token_ids, *r.prefix_token_ids] for r in requests]
     for _ in range(max_new):
-        logits = _full_logits(model, groups, _right_padded(rows))  # [b, max_len, V_padded]
+        logits = full_logits(model, groups, right_padded(rows))  # [b, max_len, V_padded]
         for i, row in enumerate(rows):
             row.append(int(logits[i, len(row) - 1, :VOCAB_SIZE].argmax()))
     return [row[r.forced_length :] for row, r in zip(rows, requests, strict=True)]
@@ -83,7 +49,7 @@ def _greedy_reference(model, groups, requests: list[GenerationRequest], max_new:
 
 def _check_sampled_logprobs(model, groups, results: list[GenerationResult], sampling: SamplingParams):
     """Engine log-probs == the filtered log_softmax(logits / T) of a full forward at the chosen tokens."""
-    all_logits = _full_logits(model, groups, _right_padded([r.token_ids for r in results]))
+    all_logits = full_logits(model, groups, right_padded([r.token_ids for r in results]))
     worst = 0.0
     for row, result in enumerate(results):
         forced = result.prompt_length + result.prefix_length

@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from megatron_tropd.config import DECODERS
+
 logger = logging.getLogger("evaluate")
 
 
@@ -40,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-prompts", type=int, default=0, help="first N items per benchmark (0 = all)")
     parser.add_argument("--max-batch-size", type=int, default=64, help="rows decoded at once per replica")
     parser.add_argument("--seed", type=int, default=0, help="keys the sampling")
+    parser.add_argument(
+        "--decoder", default="auto", choices=DECODERS, help="decode path (see rollout.decoder)"
+    )
     parser.add_argument("--cpu-ranks", type=int, default=0, help="spawn N local gloo ranks (no launcher)")
     parser.add_argument("--compare", nargs="+", metavar="DIR", help="results directories to put side by side")
     return parser
@@ -60,6 +65,7 @@ def _evaluation_options(args: argparse.Namespace) -> dict:
         "run_name": args.run_name,
         "max_batch_size": args.max_batch_size,
         "seed": args.seed,
+        "decoder": args.decoder,
     }
 
 

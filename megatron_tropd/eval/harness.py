@@ -167,13 +167,14 @@ def build_generate(
     chat_template: str = "auto",
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     seed: int = 0,
+    decoder: str = "auto",
 ) -> Generate:
     """``generate(prompts, k, temperature)`` over the KV-cache engine; collective over every rank."""
     from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
     from megatron_tropd.rollout.text import TextGenerator
 
     engine = MegatronGenerationEngine(
-        model, groups, model_config.vocab_size, model_config.max_position_embeddings, max_batch_size
+        model, groups, model_config.vocab_size, model_config.max_position_embeddings, max_batch_size, decoder
     )
     generator = TextGenerator(
         engine, tokenizer, groups, max_new_tokens=max_new_tokens, chat_template=chat_template, seed=seed
@@ -227,6 +228,7 @@ def evaluate_checkpoint(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     seed: int = 0,
     model_config: ModelConfig | None = None,
+    decoder: str = "auto",
 ) -> EvalReport:
     """Generate ``k`` responses per benchmark prompt with the checkpoint's model and score them.
 
@@ -248,7 +250,7 @@ def evaluate_checkpoint(
     )  # fmt: skip
     generate = build_generate(
         model, groups, prepared.tokenizer, prepared.model_config, max_new_tokens=max_new_tokens,
-        chat_template=chat_template, max_batch_size=max_batch_size, seed=seed,
+        chat_template=chat_template, max_batch_size=max_batch_size, seed=seed, decoder=decoder,
     )  # fmt: skip
     run = run_name or prepared.directory.name
     return evaluate(prepared.benchmarks, generate, k, temperature, run=run, raw_prompts=raw_prompts)
