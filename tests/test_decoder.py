@@ -3,7 +3,9 @@
 ``decoder="cached"`` (``rollout/decoder.py``: the model's own parameters, keys rotated once into the cache)
 and ``decoder="megatron"`` (``GPTModel.forward`` with Megatron's static KV cache) must both give, at
 every position, the logits a full no-cache forward gives: for each model family (Qwen2 q/k/v biases,
-Qwen3 q/k norms and a tied head, Llama-3 RoPE scaling), at TP1, TP2 and PP2.
+Qwen3 q/k norms and a tied head, Llama-3 RoPE scaling), at TP1, TP2 and PP2. Also: the engine's
+first-batch check replaces a cached decoder that misreads the model, and "auto" falls back on features
+the cached decoder does not implement.
 """
 
 from __future__ import annotations
@@ -67,7 +69,42 @@ def _decoder_worker(rank: int, world_size: int, tensor_parallel: int, pipeline_p
                 parameter.mul_(1.25)
             engine = MegatronGenerationEngine(model, groups, 300, TOTAL, BATCH, decoder="cached")
             errors[architecture, "cached after update"] = _stepwise_error(engine, model, groups, tokens)
-    return {"errors": errors, "fallback": _fallback(groups, layout)}
+    return {
+        "errors": errors,
+        "fallback": _fallback(groups, layout),
+        "self_check": _self_check(groups, layout),
+    }
+
+
+def _self_check(groups, layout) -> dict:
+    """The engine compares the cached decoder with Megatron's forward on its first batch: an intact
+    decoder keeps generating; one that misreads the model (here: it forgets RoPE) is replaced by
+    Megatron's forward, and the tokens are still right."""
+    from megatron_tropd.rollout import decoder as decoder_module
+    from megatron_tropd.rollout.engine import GenerationRequest, SamplingParams
+    from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
+
+    model = _build("qwen2", groups, layout)
+    requests = [GenerationRequest((5, 17, 42, 9), sample_id=0), GenerationRequest((8, 7, 6), sample_id=1)]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=4)
+
+    def tokens(engine):
+        return [r.generated_token_ids for r in engine.generate(requests, greedy)]
+
+    reference = tokens(MegatronGenerationEngine(model, groups, 300, 16, 2, decoder="megatron"))
+    intact = MegatronGenerationEngine(model, groups, 300, 16, 2)
+    intact_tokens = tokens(intact)
+    misreading = MegatronGenerationEngine(model, groups, 300, 16, 2)
+    original = decoder_module._Rope.rotate
+    decoder_module._Rope.rotate = lambda self, t, start: t
+    try:
+        misread_tokens = tokens(misreading)
+    finally:
+        decoder_module._Rope.rotate = original
+    return {
+        "intact": (intact.decoder, intact_tokens == reference),
+        "misreading": (misreading.decoder, misread_tokens == reference),
+    }
 
 
 def _fallback(groups, layout) -> dict:
@@ -97,6 +134,8 @@ def test_both_decoders_match_the_full_forward_at_every_step(tensor_parallel, pip
         assert len(errors) == 3 * len(ARCHITECTURES)
         for (architecture, decoder), worst in errors.items():
             assert worst < TOLERANCE, f"{architecture} {decoder}: logits differ by {worst:.2e}"
+    for result in results:
+        assert result["self_check"] == {"intact": ("cached", True), "misreading": ("megatron", True)}
     for fallback in (r["fallback"] for r in results):
         assert fallback["auto"] == "megatron"
         assert fallback["refusal"] and "sliding-window attention" in fallback["refusal"]

@@ -50,6 +50,8 @@ def _config_reasons(config) -> list[str]:
         "window_size": "sliding-window attention",
         "add_bias_linear": "biases on the dense linear layers",
         "layernorm_zero_centered_gamma": "zero-centred norm weights",
+        "fp8": "FP8 linear layers",
+        "fp4": "FP4 linear layers",
     }
     reasons = [name for attribute, name in unsupported.items() if getattr(config, attribute, None)]
     checks = {

@@ -4,7 +4,8 @@ Why our own loop: Megatron's dynamic engine is GPU-only and its static engine ne
 forced prefix nor hands activations between pipeline stages. Each step runs one of two decoders over the
 batch's KV cache (``decoder=``): "cached" (``decoder.py``: the model's own parameters, keys rotated once
 into the cache; 2.4x faster than "megatron" in ``bench/generation.py``) or "megatron" (``GPTModel.forward``
-with Megatron's ``StaticInferenceContext``, for models the first cannot run exactly); "auto" picks.
+with Megatron's ``StaticInferenceContext``, for models the first cannot run exactly); "auto" picks. On
+its first batch the engine compares the two decoders' prefill logits and keeps "megatron" if they differ.
 
 * **Variable-length prompts**, left-aligned. One prefill runs the shortest prompt+prefix length common to
   all rows; after that every step feeds one token per row: the row's next forced token (prompt or prefix)
@@ -35,6 +36,7 @@ against 0.19 (on another layer layout, "auto" falls back when ``unsupported_reas
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,6 +49,12 @@ from megatron_tropd.platform import cpu_mode_suspended, default_device
 from megatron_tropd.rollout.decoder import CachedDecoder, unsupported_reason
 from megatron_tropd.rollout.engine import GenerationRequest, GenerationResult, SamplingParams
 from megatron_tropd.topology import ModelGroups
+
+logger = logging.getLogger(__name__)
+
+# Largest relative logit difference accepted between the two decoders (``_check_cached_decoder``): fp32
+# disagrees only in summation order; half precision rounds each layer's output (bf16: 8 mantissa bits).
+_DECODER_TOLERANCE = {torch.float32: 1e-4}
 
 # Stream id mixed into the sampling hash so sampling uniforms never coincide with the trust draw's.
 _SAMPLING_STREAM = 0x534D504C
@@ -105,6 +113,13 @@ def sample_tokens(
 # ---------------------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _relative_error(values: torch.Tensor, reference: torch.Tensor) -> float:
+    """``max |values - reference| / max(1, max |reference|)``, in fp32."""
+    reference = reference.float()
+    scale = reference.abs().max().clamp_min(1.0)
+    return ((values.float() - reference).abs().max() / scale).item()
 
 
 def _choose_decoder(decoder: str, model: torch.nn.Module) -> str:
@@ -170,6 +185,7 @@ class MegatronGenerationEngine:
         self.max_batch_size = max_batch_size
         self.device = default_device()
         self.decoder = _choose_decoder(decoder, model)
+        self._cached_checked = False
 
     def generate(
         self, requests: Sequence[GenerationRequest], sampling: SamplingParams
@@ -228,9 +244,11 @@ class MegatronGenerationEngine:
     def _generate_chunk(self, chunk: list[GenerationRequest], sampling: SamplingParams):
         max_total = max(r.forced_length + r.budget(sampling) for r in chunk)
         state = self._new_state(chunk, max_total, sampling)
-        stage = self._new_stage(len(chunk), max_total)
         position = min(r.forced_length for r in chunk)  # the prefill covers what every row has forced
         step_input = state.tokens[:, :position]  # [b, s]
+        if self.decoder == "cached" and not self._cached_checked:
+            self._check_cached_decoder(step_input, max_total)
+        stage = self._new_stage(len(chunk), max_total)
         # No stop tokens (the common case): skip the per-step membership test.
         stop_ids = None
         if sampling.stop_token_ids:
@@ -244,6 +262,30 @@ class MegatronGenerationEngine:
                 step_input = state.tokens[:, position : position + 1]  # [b, 1]
                 position += 1
         return [self._result(state, row, request) for row, request in enumerate(chunk)]
+
+    def _check_cached_decoder(self, prefill: torch.Tensor, max_length: int) -> None:
+        """Once per engine: the cached decoder's prefill logits against Megatron's forward on the same
+        tokens. Where they disagree (a layer layout or a device the decoder misreads), warn and generate
+        with Megatron's forward from then on. Costs one extra prefill."""
+        self._cached_checked = True
+        batch = prefill.shape[0]
+        cached = self._forward(CachedDecoder(self.model, batch, max_length, self.device), prefill)
+        stage = _MegatronStage(self.model, batch, max_length, self.device, self.groups.is_last_stage)
+        reference = self._forward(stage, prefill)
+        agree = torch.ones(1, device=self.device)
+        if self.groups.is_last_stage:
+            error = _relative_error(cached[:, : self.vocab_size], reference[:, : self.vocab_size])
+            agree.fill_(float(error <= _DECODER_TOLERANCE.get(reference.dtype, 5e-2)))
+            if not agree.item():
+                logger.warning(
+                    "the cached decoder's logits differ from Megatron's forward by %.3g (relative to the "
+                    "largest logit); generating with decoder='megatron'",
+                    error,
+                )
+        if self.groups.layout.pipeline_parallel > 1:
+            dist.broadcast(agree, src=self.groups.pipeline_ranks[-1], group=self.groups.pp_group)
+        if not agree.item():
+            self.decoder = "megatron"
 
     def _new_stage(self, batch_size: int, max_length: int):
         if self.decoder == "cached":
