@@ -1,5 +1,6 @@
-"""The lm-eval adapter: log-likelihoods against a full forward on one rank (TP1, TP2 and DP2), greedy flags,
-stop strings, and lm-eval's own evaluator on local multiple-choice and generation tasks."""
+"""The lm-eval adapter: log-likelihoods against a full forward on one rank (TP1, TP2, DP2 and PP2), greedy
+flags, stop strings, lm-eval's own evaluator on local multiple-choice and generation tasks, and rank-0-only
+result files under a launcher."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ REQUESTS = [
 ]
 GREEDY_CONTEXT = "what is 2 plus 3?"
 GENERATION_KWARGS = {"until": [], "max_gen_toks": 8}
+LAYOUTS = ((2, 1), (1, 1), (1, 2))  # (TP, PP) on two ranks: TP2, DP2, PP2
 
 
 def _instance(request_type: str, arguments: tuple):
@@ -121,16 +123,16 @@ def _stops(text: str) -> list[str]:
 
 
 def _two_rank_worker(rank, world_size, base):
-    """The adapter built from the checkpoint on TP2, then on DP2."""
+    """The adapter built from the checkpoint on TP2, on DP2, then on PP2."""
     from megatron_tropd.eval.lm_eval_adapter import MegatronLM
 
     results = {}
-    for tensor_parallel in (2, 1):
+    for layout in LAYOUTS:
         adapter = MegatronLM(
             checkpoint=str(Path(base) / "weights"), tokenizer=str(Path(base) / "sp.model"),
-            tensor_parallel=tensor_parallel, batch_size=3, max_length=MAX_LENGTH,
+            tensor_parallel=layout[0], pipeline_parallel=layout[1], batch_size=3, max_length=MAX_LENGTH,
         )  # fmt: skip
-        results[tensor_parallel] = {
+        results[layout] = {
             "loglikelihood": _loglikelihoods(adapter),
             "generated": _generate(adapter, []),
         }
@@ -166,11 +168,11 @@ def test_is_greedy_flags_the_argmax_continuation(runs):
     assert single["greedy_flags"] == [True, False]
 
 
-def test_tensor_and_data_parallel_layouts_give_the_same_answers(runs):
+def test_tensor_data_and_pipeline_parallel_layouts_give_the_same_answers(runs):
     single, layouts = runs
     assert layouts[0] == layouts[1], "the two ranks returned different answers"
-    for tensor_parallel in (2, 1):
-        result = layouts[0][tensor_parallel]
+    for layout in LAYOUTS:
+        result = layouts[0][layout]
         assert result["generated"] == single["generated"]
         for (value, greedy), (expected, expected_greedy) in zip(
             result["loglikelihood"], single["reference"], strict=True
@@ -192,3 +194,12 @@ def test_lm_eval_runs_local_tasks_on_the_adapter(runs):
     for task, metric in (("tropd_tiny_mc", "acc,none"), ("tropd_tiny_gen", "exact_match,none")):
         value = metrics[task][metric]
         assert isinstance(value, float) and not math.isnan(value) and 0.0 <= value <= 1.0
+
+
+def test_only_rank_zero_writes_lm_eval_results():
+    from megatron_tropd.eval.lm_eval_adapter import rank_zero_arguments
+
+    argv = ["--model", "megatron_tropd", "--output_path", "out", "--log_samples", "--tasks", "gsm8k",
+            "--wandb_args=project=x", "-o", "other", "--limit", "4"]  # fmt: skip
+    assert rank_zero_arguments(argv, 0) == argv
+    assert rank_zero_arguments(argv, 1) == ["--model", "megatron_tropd", "--tasks", "gsm8k", "--limit", "4"]

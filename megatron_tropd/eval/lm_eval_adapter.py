@@ -7,7 +7,8 @@
 line). Under torchrun every rank runs the same lm-eval program: the adapter tells lm-eval it is one
 process (rank 0 of 1), so all ranks build the same requests, and spreads the work itself -- each
 data-parallel replica scores or generates its share on its TP x PP layout and the results are gathered,
-so every rank returns the same answers (and computes the same metrics).
+so every rank returns the same answers (and computes the same metrics). Only rank 0 writes and prints
+them.
 
 - ``loglikelihood``: one forward-only pass of context + continuation through Megatron's pipeline
   schedule; the log-prob of each continuation token and whether it is the argmax come from the
@@ -316,15 +317,50 @@ class MegatronLM(LM):
         return outputs
 
 
+# lm-eval options that write files or post results: option -> whether it takes a value.
+_OUTPUT_OPTIONS = {
+    "--output_path": True,
+    "-o": True,
+    "--log_samples": False,
+    "-s": False,
+    "--wandb_args": True,
+    "--wandb_config_args": True,
+    "--hf_hub_log_args": True,
+    "--trackio_args": True,
+}
+
+
+def rank_zero_arguments(argv: Sequence[str], rank: int) -> list[str]:
+    """``argv`` for this rank: every rank computes the same results, so only rank 0 keeps the options
+    that write files or post them (W&B, the Hub); two ranks writing one results file would race."""
+    if rank == 0:
+        return list(argv)
+    kept, skip_value = [], False
+    for argument in argv:
+        if skip_value:
+            skip_value = False
+            continue
+        name = argument.split("=", 1)[0]
+        if name in _OUTPUT_OPTIONS:
+            skip_value = _OUTPUT_OPTIONS[name] and "=" not in argument
+            continue
+        kept.append(argument)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> None:
-    """lm-eval's command line with ``megatron_tropd`` registered."""
+    """lm-eval's command line with ``megatron_tropd`` registered; under a launcher only rank 0 writes
+    results and prints them."""
+    import contextlib
+    import sys
+
     from lm_eval.__main__ import cli_evaluate
 
-    if argv is not None:
-        import sys
-
-        sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    rank = int(os.environ.get("RANK", "0"))
+    sys.argv = [sys.argv[0], *rank_zero_arguments(sys.argv[1:] if argv is None else argv, rank)]
+    quiet = open(os.devnull, "w") if rank else contextlib.nullcontext(sys.stdout)  # noqa: SIM115
+    with quiet as out, contextlib.redirect_stdout(out):
+        cli_evaluate()
 
 
 if __name__ == "__main__":
