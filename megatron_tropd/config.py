@@ -252,16 +252,23 @@ class ParallelConfig:
     def check_world_size(self, world_size: int) -> None:
         """Both layouts must tile the job; the error lists the sizes that would."""
         for who in ("student", "teacher"):
-            model_parallel = getattr(self, f"{who}_tensor_parallel") * getattr(
-                self, f"{who}_pipeline_parallel"
-            )
-            if world_size % model_parallel:
-                fitting = [n for n in range(1, world_size + 1) if world_size % n == 0]
-                raise ValueError(
-                    f"parallel: the {who}'s TP x PP = {model_parallel} does not divide the world size "
-                    f"{world_size}; choose TP x PP in {fitting} or launch a multiple of "
-                    f"{model_parallel} ranks"
-                )
+            tensor_parallel = getattr(self, f"{who}_tensor_parallel")
+            pipeline_parallel = getattr(self, f"{who}_pipeline_parallel")
+            replicas(f"parallel.{who}", tensor_parallel, pipeline_parallel, world_size)
+
+
+def replicas(who: str, tensor_parallel: int, pipeline_parallel: int, world_size: int) -> int:
+    """Data-parallel replicas of a TP x PP layout in ``world_size`` ranks; a ValueError that lists the
+    sizes that would fit when it does not tile the job."""
+    model_parallel = tensor_parallel * pipeline_parallel
+    if world_size % model_parallel:
+        fitting = [n for n in range(1, world_size + 1) if world_size % n == 0]
+        raise ValueError(
+            f"{who}: tensor_parallel x pipeline_parallel = {tensor_parallel} x {pipeline_parallel} = "
+            f"{model_parallel} does not divide the world size {world_size}; choose TP x PP in {fitting} "
+            f"or launch a multiple of {model_parallel} ranks"
+        )
+    return world_size // model_parallel
 
 
 GUIDANCE_SCHEDULES = ("cosine", "linear", "constant")

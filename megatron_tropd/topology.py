@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from megatron_tropd.config import replicas
+
 
 @dataclass(frozen=True)
 class ParallelLayout:
@@ -35,14 +37,7 @@ class ParallelLayout:
         """Replicas of the model in a job of ``world_size`` ranks; ValueError when it does not fit."""
         if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
             raise ValueError(f"{who}: tensor_parallel and pipeline_parallel must be >= 1, got {self}")
-        if world_size % self.model_parallel:
-            fitting = [n for n in range(1, world_size + 1) if world_size % n == 0]
-            raise ValueError(
-                f"{who}: tensor_parallel x pipeline_parallel = {self.tensor_parallel} x "
-                f"{self.pipeline_parallel} = {self.model_parallel} does not divide the world size "
-                f"{world_size}; TP x PP must be one of {fitting}"
-            )
-        return world_size // self.model_parallel
+        return replicas(who, self.tensor_parallel, self.pipeline_parallel, world_size)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ def test_layout_that_does_not_tile_the_world_lists_the_sizes_that_would():
         ValueError, match=r"student: tensor_parallel x pipeline_parallel = 2 x 2 = 4 does not divide"
     ):
         ParallelLayout(2, 2).data_parallel(6, "student")
-    with pytest.raises(ValueError, match=r"must be one of \[1, 2, 3, 6\]"):
+    with pytest.raises(ValueError, match=r"choose TP x PP in \[1, 2, 3, 6\]"):
         ParallelLayout(4, 1).data_parallel(6)
     assert ParallelLayout(2, 1).data_parallel(6) == 3
 
@@ -32,7 +32,10 @@ def test_teacher_and_student_vocabularies_must_match_beyond_padding():
 
 def test_world_size_and_batch_split_are_checked_together():
     config = RunConfig(parallel=ParallelConfig(teacher_tensor_parallel=2))
-    with pytest.raises(ValueError, match="the teacher's TP x PP = 2 does not divide the world size 3"):
+    expected = (
+        "parallel.teacher: tensor_parallel x pipeline_parallel = 2 x 1 = 2 does not divide the world size 3"
+    )
+    with pytest.raises(ValueError, match=expected):
         config.validate(world_size=3)
     uneven = dataclasses.replace(
         config, rollout=dataclasses.replace(config.rollout, prompts_per_step=3, samples_per_prompt=1)
