@@ -396,6 +396,9 @@ def test_evaluate_end_to_end_writes_markdown_json_png(prepared, tmp_path):
         assert all(b.pass_at_k[4] == 1.0 for b in report.benchmarks)
     wrong = [s for s in reports[0].benchmarks[0].samples if not s.correct]
     assert wrong and all("no final answer" in s.reason for s in wrong)
+    for bench in reports[0].benchmarks:  # verdicts stay with their samples (code is checked concurrently)
+        assert [s.correct for s in bench.samples] == [True, True, True, False] * len(bench.samples[::4])
+        assert [s.sample for s in bench.samples[:4]] == [0, 1, 2, 3]
 
     paths = write_report(reports, tmp_path / "report")
     table = paths["markdown"].read_text().splitlines()

@@ -11,17 +11,22 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from megatron_tropd.eval.sandbox import SandboxLimits
 from megatron_tropd.eval.schema import LETTERS, Benchmark, Item
-from megatron_tropd.eval.verifiers import verify_item
+from megatron_tropd.eval.verifiers import Verdict, verify_item
 
 logger = logging.getLogger(__name__)
 
 Generate = Callable[[list[str], int, float], list[list[str]]]
+
+# At most this many sandboxed programs run at once while a code benchmark is checked.
+MAX_CODE_CHECKS_AT_ONCE = 8
 
 # Appended to every prompt of a family so that the verifier can find the answer (the chat template is the
 # generation side's business).
@@ -129,6 +134,36 @@ def _generate_checked(generate: Generate, prompts: list[str], k: int, temperatur
     return responses
 
 
+def _code_checks_at_once() -> int:
+    """Every rank of a job scores the same responses: share the node's cores among its local ranks."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(MAX_CODE_CHECKS_AT_ONCE, (os.cpu_count() or 1) // max(1, local_ranks)))
+
+
+def _verify_all(
+    benchmark: Benchmark, responses: list[list[str]], code_limits: SandboxLimits | None
+) -> list[list[Verdict]]:
+    """Verdicts per item and sample, in order.
+
+    A code check waits on a sandboxed subprocess, so code responses are checked several at a time on
+    threads (``_code_checks_at_once``). The other families verify on this thread: they are quick, and
+    math-verify's time limits use signals, which work on the main thread only.
+    """
+    pairs = zip(benchmark.items, responses, strict=True)
+    jobs = [(item, response) for item, item_responses in pairs for response in item_responses]
+
+    def verify(job: tuple[Item, str]) -> Verdict:
+        return verify_item(benchmark.family, job[0], job[1], code_limits, benchmark.loose)
+
+    if benchmark.family == "code":
+        with ThreadPoolExecutor(max_workers=_code_checks_at_once()) as pool:
+            flat = list(pool.map(verify, jobs))
+    else:
+        flat = [verify(job) for job in jobs]
+    k = len(responses[0]) if responses else 0
+    return [flat[i : i + k] for i in range(0, len(flat), k)]
+
+
 def evaluate_benchmark(
     benchmark: Benchmark,
     generate: Generate,
@@ -141,10 +176,8 @@ def evaluate_benchmark(
     prompts = [render_prompt(item, benchmark.family, raw_prompts) for item in benchmark.items]
     responses = _generate_checked(generate, prompts, k, temperature)
     samples, correct = [], []
-    for item, item_responses in zip(benchmark.items, responses, strict=True):
-        verdicts = [
-            verify_item(benchmark.family, item, r, code_limits, benchmark.loose) for r in item_responses
-        ]
+    all_verdicts = _verify_all(benchmark, responses, code_limits)
+    for item, item_responses, verdicts in zip(benchmark.items, responses, all_verdicts, strict=True):
         correct.append([v.correct for v in verdicts])
         samples += [
             SampleResult(item.id, i, v.correct, v.reason, r)
