@@ -110,6 +110,12 @@ def _norm_weight(norm: torch.nn.Module, fused_into: torch.nn.Module) -> torch.Te
     return weight if weight is not None else fused_into.layer_norm_weight
 
 
+def _bias(linear: torch.nn.Module) -> torch.Tensor | None:
+    """A linear layer's bias, or None; Transformer-Engine keeps an empty tensor where there is none."""
+    bias = getattr(linear, "bias", None)
+    return bias if bias is not None and bias.numel() > 0 else None
+
+
 @dataclass
 class _LayerWeights:
     """One layer's parameter tensors (this rank's TP shards)."""
@@ -130,7 +136,7 @@ class _LayerWeights:
         return cls(
             input_norm=_norm_weight(layer.input_layernorm, attention.linear_qkv),
             qkv=attention.linear_qkv.weight,
-            qkv_bias=getattr(attention.linear_qkv, "bias", None),
+            qkv_bias=_bias(attention.linear_qkv),
             q_norm=getattr(attention.q_layernorm, "weight", None),
             k_norm=getattr(attention.k_layernorm, "weight", None),
             proj=attention.linear_proj.weight,
@@ -265,9 +271,8 @@ class CachedDecoder:
         self.keys[index, :, :, start:end] = self.rope.rotate(key, start).permute(1, 2, 0, 3)
         self.values[index, :, :, start:end] = value.permute(1, 2, 0, 3)
         # [s, b, g, j, d] -> [b, g, j * s, d]: a group's query heads all attend to its one key/value head.
-        rows = (
-            self.rope.rotate(query, start).permute(1, 2, 3, 0, 4).reshape(batch, self.groups, -1, self.dims)
-        )
+        rows = self.rope.rotate(query, start).permute(1, 2, 3, 0, 4)
+        rows = rows.reshape(batch, self.groups, per_group * length, self.dims)
         mask = _causal_mask(start, length, per_group, hidden.device)
         keys, values = self.keys[index, :, :, :end], self.values[index, :, :, :end]
         out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=self.scale)
