@@ -1,11 +1,13 @@
-"""Generation throughput: the Megatron KV-cache engine vs Hugging Face ``generate``, in the same run.
+"""Generation throughput: the engine's two decoders vs Hugging Face ``generate``, in the same run.
 
 Both models have the same shape (a small Qwen2: 4 layers, hidden 256, vocab 32,000 by default) with
 random weights; both decode greedily with a KV cache, the same batch of equal-length random prompts, and
 exactly ``--new-tokens`` tokens per row (no stop token). Tokens/s counts generated tokens only. The
-engine runs on ``--tp`` gloo ranks (CPU mode on a CPU); Hugging Face runs on rank 0, alternating with the
-engine, with all the CPU threads the ranks had between them. The headline is best-of-repeats (robust to
-other jobs on a shared machine); medians are in the JSON too. Prints the ratio and writes JSON.
+engine runs on ``--tp`` ranks (gloo and CPU mode on a CPU, NCCL on GPUs), once with ``decoder="cached"``
+and once with ``decoder="megatron"``, and reports whether both gave the same tokens; Hugging Face runs on
+rank 0 (on the GPU in bf16 when there is one), alternating with the engine, with all the CPU threads the
+ranks had between them. The headline is best-of-repeats (robust to other jobs on a shared machine);
+medians are in the JSON too. Prints the ratios and writes JSON.
 
     python bench/generation.py                      # batch 8, prompt 32, 64 new tokens, TP1
     python bench/generation.py --tp 2 --repeats 2
@@ -78,9 +80,14 @@ def _hf_generate(args, prompts: torch.Tensor):
     """Build the same-shape HF Qwen2 (random weights); return a function that generates the batch once."""
     import transformers
 
+    from megatron_tropd.platform import default_device
+
+    device = default_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as build_gpt_model chooses
     hf_config = transformers.Qwen2Config(**model_config(args).to_hf_config())
     torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(hf_config).eval()
+    model = transformers.Qwen2ForCausalLM(hf_config).to(device=device, dtype=dtype).eval()
+    prompts = prompts.to(device)
     attention_mask = torch.ones_like(prompts)
 
     def run():
@@ -98,6 +105,8 @@ def _hf_generate(args, prompts: torch.Tensor):
 def _seconds(fn) -> float:
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the engine's results are read on the host; HF's output is not
     return time.perf_counter() - start
 
 
@@ -129,7 +138,8 @@ def bench_worker(rank: int, world_size: int, args) -> dict:
 
 
 def run(args) -> dict:
-    measured = run_on_ranks(bench_worker, args.tp, args)[0]
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    measured = run_on_ranks(bench_worker, args.tp, args, backend=backend)[0]
     timings = measured["seconds"]
     new_tokens = args.batch * args.new_tokens
     # Best-of-repeats: on a shared machine the fastest run is the one least disturbed by other jobs.
