@@ -215,6 +215,7 @@ class CachedDecoder:
         self.tp_size = config.tensor_model_parallel_size
         self.heads = config.num_attention_heads // self.tp_size
         self.groups = (config.num_query_groups or config.num_attention_heads) // self.tp_size
+        self.per_group = self.heads // self.groups  # query heads sharing one key/value head
         self.dims = config.kv_channels
         self.epsilon = config.layernorm_epsilon
         self.scale = config.softmax_scale or 1.0 / math.sqrt(self.dims)
@@ -240,8 +241,9 @@ class CachedDecoder:
         if hidden is None:
             positions = self.positions[:, start : start + length]
             hidden = self.model.embedding(input_ids=tokens, position_ids=positions)  # [s, b, h]
+        mask = _causal_mask(start, length, self.per_group, hidden.device)  # the same for every layer
         for index, weights in enumerate(self.weights):
-            hidden = hidden + self._attention(index, weights, hidden, start)
+            hidden = hidden + self._attention(index, weights, hidden, start, mask)
             hidden = hidden + self._mlp(weights, hidden)
         self.length += length
         return self._logits(hidden[-1]) if self.model.post_process else hidden
@@ -257,10 +259,10 @@ class CachedDecoder:
         return partial
 
     def _attention(
-        self, index: int, weights: _LayerWeights, hidden: torch.Tensor, start: int
+        self, index: int, weights: _LayerWeights, hidden: torch.Tensor, start: int, mask: torch.Tensor | None
     ) -> torch.Tensor:
         length, batch, _ = hidden.shape
-        per_group = self.heads // self.groups
+        per_group = self.per_group
         mixed = _linear(self._norm(hidden, weights.input_norm), weights.qkv, weights.qkv_bias)
         mixed = mixed.view(length, batch, self.groups, per_group + 2, self.dims)
         query, key, value = mixed[..., :per_group, :], mixed[..., per_group, :], mixed[..., per_group + 1, :]
@@ -273,7 +275,6 @@ class CachedDecoder:
         # [s, b, g, j, d] -> [b, g, j * s, d]: a group's query heads all attend to its one key/value head.
         rows = self.rope.rotate(query, start).permute(1, 2, 3, 0, 4)
         rows = rows.reshape(batch, self.groups, per_group * length, self.dims)
-        mask = _causal_mask(start, length, per_group, hidden.device)
         keys, values = self.keys[index, :, :, :end], self.values[index, :, :, :end]
         out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=self.scale)
         out = out.view(batch, self.groups, per_group, length, self.dims).permute(3, 0, 1, 2, 4)
