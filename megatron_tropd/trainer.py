@@ -87,11 +87,16 @@ def _build_models(config: RunConfig):
     return topology, student, teacher
 
 
+def _rows_per_replica(config: RunConfig, topology) -> int:
+    """Rows a student replica generates per step: the engines' batch size."""
+    return max(1, config.rollout.rollouts_per_step // topology.student.data_parallel)
+
+
 def _engines(config: RunConfig, topology, student, teacher):
     from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
 
     max_length = config.rollout.max_prompt_length + config.rollout.max_new_tokens
-    batch = max(1, config.rollout.rollouts_per_step // topology.student.data_parallel)
+    batch = _rows_per_replica(config, topology)
     decoder = config.rollout.decoder
     student_engine = MegatronGenerationEngine(
         student.module, topology.student, config.student.vocab_size, max_length, batch, decoder
@@ -105,22 +110,20 @@ def _engines(config: RunConfig, topology, student, teacher):
 def _in_training_eval(config: RunConfig, topology, student, tokenizer: Tokenizer | None):
     """The held-out benchmarks, checked against the student's context, and the same ``generate`` as
     ``tropd eval`` over the student's own layout."""
-    from megatron_tropd.eval.harness import build_generate, check_prompt_lengths, limit_prompts
-    from megatron_tropd.eval.schema import load_benchmarks
+    from megatron_tropd.eval.harness import build_generate, load_checked_benchmarks
 
     e = config.eval
     if tokenizer is None:
         raise ValueError("eval.interval > 0 needs data.tokenizer: benchmarks are text")
-    benchmarks = limit_prompts(load_benchmarks(e.benchmarks, list(e.names) or None), e.max_prompts)
-    check_prompt_lengths(
-        benchmarks, tokenizer, chat_template=config.data.chat_template, raw_prompts=e.raw_prompts,
-        max_new_tokens=e.max_new_tokens, context_length=config.student.max_position_embeddings,
+    benchmarks = load_checked_benchmarks(
+        e.benchmarks, e.names, e.max_prompts, tokenizer, chat_template=config.data.chat_template,
+        raw_prompts=e.raw_prompts, max_new_tokens=e.max_new_tokens,
+        context_length=config.student.max_position_embeddings,
     )  # fmt: skip
     generate = build_generate(
         student.module, topology.student, tokenizer, config.student, max_new_tokens=e.max_new_tokens,
         chat_template=config.data.chat_template, seed=config.seed,
-        max_batch_size=max(1, config.rollout.rollouts_per_step // topology.student.data_parallel),
-        decoder=config.rollout.decoder,
+        max_batch_size=_rows_per_replica(config, topology), decoder=config.rollout.decoder,
     )  # fmt: skip
     return InTrainingEval(benchmarks, generate)
 

@@ -73,6 +73,27 @@ def check_prompt_lengths(
                 )
 
 
+def load_checked_benchmarks(
+    benchmarks_dir: str | os.PathLike,
+    names: Sequence[str] | None,
+    max_prompts: int,
+    tokenizer: Tokenizer,
+    *,
+    chat_template: str,
+    raw_prompts: bool,
+    max_new_tokens: int,
+    context_length: int,
+) -> list[Benchmark]:
+    """The benchmarks of ``benchmarks_dir`` (``names`` or all), cut to ``max_prompts`` items each, with
+    every prompt checked to fit the context (``check_prompt_lengths``)."""
+    benchmarks = limit_prompts(load_benchmarks(benchmarks_dir, list(names) if names else None), max_prompts)
+    check_prompt_lengths(
+        benchmarks, tokenizer, chat_template=chat_template, raw_prompts=raw_prompts,
+        max_new_tokens=max_new_tokens, context_length=context_length,
+    )  # fmt: skip
+    return benchmarks
+
+
 @dataclass
 class PreparedEvaluation:
     """What ``prepare_evaluation`` checked and loaded; no model yet."""
@@ -105,9 +126,8 @@ def prepare_evaluation(
     if world_size is not None:
         ParallelLayout(tensor_parallel, pipeline_parallel).data_parallel(world_size, "evaluated model")
     tokenizer = Tokenizer(str(tokenizer_path))
-    benchmarks = limit_prompts(load_benchmarks(benchmarks_dir, list(names) if names else None), max_prompts)
-    check_prompt_lengths(
-        benchmarks, tokenizer, chat_template=chat_template, raw_prompts=raw_prompts,
+    benchmarks = load_checked_benchmarks(
+        benchmarks_dir, names, max_prompts, tokenizer, chat_template=chat_template, raw_prompts=raw_prompts,
         max_new_tokens=max_new_tokens, context_length=model_config.max_position_embeddings,
     )  # fmt: skip
     return PreparedEvaluation(directory, model_config, tokenizer, benchmarks)
