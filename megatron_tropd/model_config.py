@@ -230,31 +230,36 @@ class ModelConfig:
             "or the architecture tag (tiny(architecture=...) sets them for you)",
         )
 
-    def validate_parallel(self, tensor_parallel: int, pipeline_parallel: int) -> None:
+    def validate_parallel(
+        self, tensor_parallel: int, pipeline_parallel: int, *, model: str = "", key_prefix: str = ""
+    ) -> None:
         """Raise ``ValueError`` if the model cannot be split ``tensor_parallel`` x ``pipeline_parallel`` ways.
 
         TP splits query heads, KV groups and the SwiGLU width evenly (the vocabulary is padded instead); PP
-        gives every stage the same number of layers.
+        gives every stage the same number of layers. ``model`` (``"teacher"``) and ``key_prefix``
+        (``"parallel.teacher_"``) make the message name the run-config keys to fix, so that a run with two
+        models says which one does not split.
         """
+        tp_key, pp_key = f"{key_prefix}tensor_parallel", f"{key_prefix}pipeline_parallel"
+        field = f"{model}." if model else ""
         _require(
-            _is_positive_int(tensor_parallel),
-            f"tensor_parallel must be an integer >= 1; got {tensor_parallel!r}",
+            _is_positive_int(tensor_parallel), f"{tp_key} must be an integer >= 1; got {tensor_parallel!r}"
         )
         _require(
             _is_positive_int(pipeline_parallel),
-            f"pipeline_parallel must be an integer >= 1; got {pipeline_parallel!r}",
+            f"{pp_key} must be an integer >= 1; got {pipeline_parallel!r}",
         )
         tp_limit = math.gcd(self.num_attention_heads, self.num_query_groups, self.ffn_hidden_size)
         for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
             value = getattr(self, name)
             _require(
                 value % tensor_parallel == 0,
-                f"{name}={value} is not divisible by tensor_parallel={tensor_parallel}; "
+                f"{field}{name}={value} is not divisible by {tp_key}={tensor_parallel}; "
                 f"use TP in {_braced(_divisors(tp_limit))}",
             )
         _require(
             self.num_layers % pipeline_parallel == 0,
-            f"num_layers={self.num_layers} is not divisible by pipeline_parallel={pipeline_parallel}; "
+            f"{field}num_layers={self.num_layers} is not divisible by {pp_key}={pipeline_parallel}; "
             f"use PP in {_braced(_divisors(self.num_layers))}",
         )
 

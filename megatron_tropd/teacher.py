@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_tropd.batch import RolloutBatch
+from megatron_tropd.config import MethodConfig
+from megatron_tropd.methods import method_spec
 from megatron_tropd.ops import (
     agreement_ratio,
     draw_trust_mask,
@@ -208,6 +210,13 @@ class ScoringSpec:
     with_teacher_entropy: bool
     micro_batch_size: int
     trust_seed: int
+
+    @classmethod
+    def for_method(cls, vocab_size: int, method: MethodConfig, micro_batch_size: int) -> ScoringSpec:
+        """What ``method`` needs scored, from its ``methods.METHOD_SPECS`` entry: the teacher's entropy only
+        where its loss reads it; top-k and the trust mask always (the metrics read them too)."""
+        needs = method_spec(method.name)
+        return cls(vocab_size, method.topk, needs.teacher_entropy, micro_batch_size, method.trust_seed)
 
 
 def _teacher_template(spec: ScoringSpec, seq_length: int):

@@ -9,6 +9,7 @@ teacher's top-k ids, gradient written back into the logits' own storage) and the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -25,6 +26,7 @@ from megatron_tropd.losses import (
 )
 from megatron_tropd.models import ModelConfig, build_gpt_model
 from megatron_tropd.ops import vocab_parallel_token_stats
+from megatron_tropd.ops.vocab_parallel import vocab_parallel_token_stats_with_tail
 from megatron_tropd.pipeline import run_microbatches
 from megatron_tropd.topology import ModelGroups
 
@@ -52,6 +54,7 @@ class StepResult:
     grad_norm: float
     learning_rate: float
     update_successful: bool
+    nonfinite_skipped: bool = False  # a non-finite loss or gradient on some rank: no rank updated
 
 
 def _optimizer(model, optim: OptimConfig, params_dtype: torch.dtype):
@@ -103,13 +106,25 @@ def build_student(
     return Student(model, optimizer, _scheduler(optimizer, optim, total_steps), groups, model_config, optim)
 
 
-def student_signals(logits: torch.Tensor, batch: RolloutBatch, tp_group, vocab_size: int) -> TokenSignals:
-    """``TokenSignals`` of one microbatch from the student's TP-sharded logits ``[b, S, V/TP]``."""
+def student_signals(
+    logits: torch.Tensor, batch: RolloutBatch, tp_group, vocab_size: int, with_tail: bool = False
+) -> TokenSignals:
+    """``TokenSignals`` of one microbatch from the student's TP-sharded logits ``[b, S, V/TP]``.
+
+    ``with_tail`` adds the student's exact log-mass outside the teacher's top-k (the ``tail`` FKL family).
+    """
     topk = batch.topk_ids.shape[-1]
     ids = torch.cat([batch.labels.unsqueeze(-1), batch.topk_ids], dim=-1)  # [b, S, 1 + k]
-    log_probs, _ = vocab_parallel_token_stats(
-        logits, ids, tp_group, vocab_size, with_entropy=False, inplace_backward=True
-    )
+    lp_tail = None
+    if with_tail:
+        log_probs, _, lp_tail = vocab_parallel_token_stats_with_tail(
+            logits, ids, tp_group, vocab_size, 1, with_entropy=False, inplace_backward=True
+        )
+        lp_tail = lp_tail.reshape(-1)
+    else:
+        log_probs, _ = vocab_parallel_token_stats(
+            logits, ids, tp_group, vocab_size, with_entropy=False, inplace_backward=True
+        )
     entropy_teacher = batch.entropy_teacher.reshape(-1) if batch.entropy_teacher is not None else None
     return TokenSignals(
         lp_student=log_probs[..., 0].reshape(-1),
@@ -122,11 +137,12 @@ def student_signals(logits: torch.Tensor, batch: RolloutBatch, tp_group, vocab_s
         is_teacher_prefix=batch.is_teacher_prefix.reshape(-1),
         loss_mask=batch.loss_mask.reshape(-1),
         entropy_teacher=entropy_teacher,
+        lp_student_tail=lp_tail,
     )
 
 
 def _loss_func(logits, batch, tp_group, vocab_size, method, context):
-    signals = student_signals(logits, batch, tp_group, vocab_size)
+    signals = student_signals(logits, batch, tp_group, vocab_size, with_tail=method.fkl_family == "tail")
     return loss_sum_and_metrics(signals, method, context)
 
 
@@ -139,8 +155,25 @@ def _forward_step(data_iterator, model, *, tp_group, vocab_size, method, context
     return output, loss_func
 
 
-def _update(student: Student, batch: RolloutBatch, forward_step) -> StepResult:
-    """Zero the gradients, run the pipeline schedule over ``batch``'s microbatches, step the optimizer."""
+def _local_loss_nonfinite(per_microbatch, loss_key: str) -> bool:
+    """Whether this rank's summed ``loss_key`` is NaN or infinite. Only the sum is checked: the reduced
+    mean is NaN, harmlessly, when no token carried the loss."""
+    sums = [metrics[loss_key][0] for metrics in per_microbatch if loss_key in metrics]
+    return bool(sums) and not bool(torch.isfinite(torch.stack(sums).sum()))
+
+
+def nonfinite_agreed(locally_nonfinite: bool, world_group=None) -> bool:
+    """One MAX all-reduce of the local flag over ``world_group`` (None = the default world): a
+    non-finite loss or gradient on any rank makes every rank skip the same update."""
+    flag = torch.tensor([1.0 if locally_nonfinite else 0.0])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=world_group)
+    return bool(flag.item() > 0)
+
+
+def _update(student: Student, batch: RolloutBatch, forward_step, loss_key: str) -> StepResult:
+    """Zero the gradients, run the pipeline schedule over ``batch``'s microbatches, then step the
+    optimizer, or skip the update on every rank when any rank saw a non-finite loss or gradient."""
     micro_batch_size = student.optim_config.micro_batch_size
     student.model.zero_grad_buffer()
     student.optimizer.zero_grad()
@@ -148,12 +181,24 @@ def _update(student: Student, batch: RolloutBatch, forward_step) -> StepResult:
         student.model, student.groups, forward_step, batch.split(micro_batch_size),
         seq_length=batch.seq_length, micro_batch_size=micro_batch_size, forward_only=False,
     )  # fmt: skip
-    update_successful, grad_norm, _ = student.optimizer.step()
-    if update_successful:
-        student.scheduler.step(increment=1)
+    # prepare_grads copies the reduced grads where the optimizer reads them; step() repeats that copy,
+    # which is idempotent without a grad scaler (build_student uses none), so the norm seen here is
+    # the norm step() would clip. get_grad_norm reduces over the optimizer's grad-stats group.
+    found_inf = bool(student.optimizer.prepare_grads())
+    grad_norm = float(student.optimizer.get_grad_norm() or 0.0)
+    local_loss_bad = per_microbatch is not None and _local_loss_nonfinite(per_microbatch, loss_key)
+    skipped = nonfinite_agreed(found_inf or not math.isfinite(grad_norm) or local_loss_bad)
+    if skipped:  # no optimizer step, no scheduler step, nothing left to leak into the next update
+        student.model.zero_grad_buffer()
+        student.optimizer.zero_grad()
+        update_successful = False
+    else:
+        update_successful = bool(student.optimizer.step()[0])
+        if update_successful:
+            student.scheduler.step(increment=1)
     metrics = reduce_metrics(per_microbatch, student.groups.dp_group) if student.groups.is_last_stage else {}
     learning_rate = student.optimizer.param_groups[0]["lr"]
-    return StepResult(metrics, float(grad_norm or 0.0), learning_rate, bool(update_successful))
+    return StepResult(metrics, grad_norm, learning_rate, update_successful, skipped)
 
 
 def train_step(
@@ -164,7 +209,7 @@ def train_step(
         _forward_step, tp_group=student.groups.tp_group, vocab_size=student.model_config.vocab_size,
         method=method, context=context,
     )  # fmt: skip
-    return _update(student, batch, forward_step)
+    return _update(student, batch, forward_step, "loss")
 
 
 def _supervised_loss_func(logits, batch: RolloutBatch, tp_group, vocab_size: int):
@@ -191,17 +236,24 @@ def supervised_step(student: Student, batch: RolloutBatch) -> StepResult:
         _supervised_forward_step, tp_group=student.groups.tp_group,
         vocab_size=student.model_config.vocab_size,
     )  # fmt: skip
-    return _update(student, batch, forward_step)
+    return _update(student, batch, forward_step, "nll")
 
 
 def batch_context(
-    method: MethodConfig, batch: RolloutBatch, step: int, total_steps: int, groups: ModelGroups
+    method: MethodConfig,
+    batch: RolloutBatch,
+    step: int,
+    total_steps: int,
+    groups: ModelGroups,
+    guidance: bool | None = None,
 ) -> MethodContext:
-    """The rollout batch's ``MethodContext`` (entropy cut-offs over the global batch); last stage only
-    computes anything, the other stages never evaluate the loss."""
+    """The rollout batch's ``MethodContext``: entropy cut-offs over the global batch and whether the
+    guidance term is on (the run's ``RunConfig.guidance_enabled``; None = the method's default). Only the
+    last stage computes anything, the other stages never evaluate the loss."""
     if not groups.is_last_stage:
-        return MethodContext(step=step, total_steps=total_steps)
+        return MethodContext(step=step, total_steps=total_steps, guidance=guidance)
     student_tokens = batch.loss_mask & ~batch.is_teacher_prefix
     return method_context(
-        method, batch.entropy_student_old, student_tokens, step, total_steps, groups.dp_group
-    )
+        method, batch.entropy_student_old, student_tokens, step, total_steps, groups.dp_group,
+        guidance=guidance,
+    )  # fmt: skip

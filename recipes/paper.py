@@ -134,7 +134,11 @@ def _bind(base: Callable[[str], RunConfig], method: str) -> Callable[[], RunConf
 
 
 def paper_recipes() -> dict[str, Callable[[], RunConfig]]:
-    """Every setting x every method of the comparison table: ``deepseek_math_tropd``, ``qwen3_multi_opd``."""
+    """Every setting x every method of ``METHOD_NAMES``: ``deepseek_math_tropd``, ``qwen3_multi_opd``.
+
+    The math setting thereby has every row of the paper's Table 5 (``methods.TABLE5_METHODS``: OPD, Mask
+    Outlier, Clip Outlier, stand-alone FKL, FKL Outlier, TrOPD Mask, TrOPD Clip, TrOPD). Recipes leave
+    ``rollout.guidance`` at None, the method's own default (TrOPD family only), resolved at launch."""
     recipes: dict[str, Callable[[], RunConfig]] = {}
     for base in (deepseek_math, deepseek_multi, qwen3_multi):
         for method in METHOD_NAMES:

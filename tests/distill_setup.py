@@ -52,10 +52,7 @@ def setup_models(student_layout, teacher_layout, optim: OptimConfig, total_steps
 
 
 def scoring_spec(method: MethodConfig) -> ScoringSpec:
-    return ScoringSpec(
-        vocab_size=student_config().vocab_size, topk=method.topk, with_teacher_entropy=method.name == "eopd",
-        micro_batch_size=2, trust_seed=method.trust_seed,
-    )  # fmt: skip
+    return ScoringSpec.for_method(student_config().vocab_size, method, micro_batch_size=2)
 
 
 def distill_steps(topology, student, teacher, method: MethodConfig, steps: int, first_step: int = 0):

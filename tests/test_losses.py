@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron_tropd import ops
 from megatron_tropd.config import FKL_FAMILIES, METHOD_NAMES, MethodConfig
 from megatron_tropd.losses import (
+    LOSS_FUNCTIONS,
     METHOD_REGISTRY,
     MethodContext,
     TokenSignals,
@@ -31,6 +32,7 @@ from megatron_tropd.losses import (
     reduce_metrics,
     token_loss,
 )
+from megatron_tropd.methods import METHOD_SPECS
 from megatron_tropd.spawn import run_on_ranks
 
 DTYPE = torch.float64
@@ -171,7 +173,7 @@ def ref_student_token(name: str, t: int, sig: TokenSignals, cfg: MethodConfig, c
     if name == "mask_outlier":
         return ref_pg(advantage if advantage > tau else 0.0, lp_s, lp_s_old, eps)
     if name == "reopold_2stage":
-        first_stage = ctx.step < round(cfg.reopold_switch_fraction * ctx.total_steps)
+        first_stage = ctx.step < math.ceil(cfg.reopold_switch_fraction * ctx.total_steps)
         keep = advantage >= tau if first_stage else h_s >= ctx.entropy_threshold
         return ref_pg(max(advantage, tau), lp_s, lp_s_old, eps) if keep else zero
     if name == "eopd":
@@ -182,7 +184,7 @@ def ref_student_token(name: str, t: int, sig: TokenSignals, cfg: MethodConfig, c
     if name == "aopd":
         gate = math.exp(lp_t) - math.exp(lp_s_old) <= cfg.aopd_tau
         return fkl if gate else ref_pg(advantage, lp_s, lp_s_old, eps)
-    if name == "tropd":
+    if name in ("tropd", "fkl_outlier"):  # FKL Outlier = TrOPD's loss without guidance
         return ref_pg(advantage, lp_s, lp_s_old, eps) if trusted else fkl
     if name == "tropd_mask":
         return ref_pg(advantage, lp_s, lp_s_old, eps) if trusted else zero
@@ -193,13 +195,22 @@ def ref_student_token(name: str, t: int, sig: TokenSignals, cfg: MethodConfig, c
     raise AssertionError(name)
 
 
+# method.md: guidance belongs to the TrOPD family only; every other method is fully on-policy by default.
+GUIDED_BY_DEFAULT = {"tropd", "tropd_mask", "tropd_clip", "tropd_aopd"}
+
+
+def ref_guided(cfg: MethodConfig, ctx: MethodContext) -> bool:
+    return cfg.name in GUIDED_BY_DEFAULT if ctx.guidance is None else ctx.guidance
+
+
 def ref_token_loss(sig: TokenSignals, cfg: MethodConfig, ctx: MethodContext) -> torch.Tensor:
     losses = []
     for t in range(sig.num_tokens):
         if not sig.loss_mask[t]:
             losses.append(torch.zeros((), dtype=DTYPE))
         elif sig.is_teacher_prefix[t]:
-            losses.append(cfg.guidance_beta * (sig.lp_teacher[t].item() - sig.lp_student[t]))
+            guided = ref_guided(cfg, ctx)
+            losses.append(cfg.guidance_beta * (sig.lp_teacher[t].item() - sig.lp_student[t]) * float(guided))
         else:
             losses.append(torch.as_tensor(ref_student_token(cfg.name, t, sig, cfg, ctx), dtype=DTYPE))
     return torch.stack(losses)
@@ -222,7 +233,9 @@ def assert_close(actual, expected, what: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12, msg=lambda m: f"{what}: {m}")
 
 
-CONTEXT = MethodContext(step=3, total_steps=10, entropy_threshold=1.2)
+CONTEXT = MethodContext(step=3, total_steps=10, entropy_threshold=1.2)  # guidance: the method's default
+GUIDED = MethodContext(step=3, total_steps=10, entropy_threshold=1.2, guidance=True)
+UNGUIDED = MethodContext(step=3, total_steps=10, entropy_threshold=1.2, guidance=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,14 +243,15 @@ CONTEXT = MethodContext(step=3, total_steps=10, entropy_threshold=1.2)
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("context", [CONTEXT, GUIDED, UNGUIDED], ids=["default", "guided", "unguided"])
 @pytest.mark.parametrize("config_values", [DEFAULT_CONFIG, ALTERED_CONFIG], ids=["defaults", "altered"])
 @pytest.mark.parametrize("one_update", [True, False], ids=["one_update", "ppo_ratio"])
 @pytest.mark.parametrize("name", METHOD_NAMES)
-def test_method_matches_transcription(name, one_update, config_values):
+def test_method_matches_transcription(name, one_update, config_values, context):
     config = MethodConfig(name=name, **config_values)
     signals = make_signals(one_update)
-    actual, actual_grads = value_and_grads(token_loss(signals, config, CONTEXT).loss, signals)
-    expected, expected_grads = value_and_grads(ref_token_loss(signals, config, CONTEXT), signals)
+    actual, actual_grads = value_and_grads(token_loss(signals, config, context).loss, signals)
+    expected, expected_grads = value_and_grads(ref_token_loss(signals, config, context), signals)
     assert torch.isfinite(actual).all(), "padding garbage leaked into the loss"
     assert_close(actual, expected, f"{name} per-token loss")
     assert_close(actual_grads[0], expected_grads[0], f"{name} d loss / d lp_student")
@@ -248,16 +262,17 @@ def test_method_matches_transcription(name, one_update, config_values):
 def test_method_terms_add_up_to_the_loss():
     signals = make_signals(one_update=False)
     for name in METHOD_NAMES:
-        result = token_loss(signals, MethodConfig(name=name, **ALTERED_CONFIG), CONTEXT)
-        assert "guidance" in result.terms
-        assert_close(sum(result.terms.values()).detach(), result.loss.detach(), f"{name} terms")
+        for context in (CONTEXT, GUIDED, UNGUIDED):
+            result = token_loss(signals, MethodConfig(name=name, **ALTERED_CONFIG), context)
+            assert ("guidance" in result.terms) == ref_guided(MethodConfig(name=name), context), name
+            assert_close(sum(result.terms.values()).detach(), result.loss.detach(), f"{name} terms")
 
 
 def test_one_update_gradient_is_reinforce_and_guidance_is_beta_nll():
     """With ratio == 1, d loss_pg / d lpS = -A on student tokens; prefix tokens get d/d lpS = -beta."""
     signals = make_signals(one_update=True)
     config = MethodConfig(name="opd", guidance_beta=0.01, **DEFAULT_CONFIG)
-    loss = token_loss(signals, config, CONTEXT).loss
+    loss = token_loss(signals, config, GUIDED).loss  # guidance turned on for OPD: an ablation
     (grad,) = torch.autograd.grad(loss.sum(), [signals.lp_student])
     for t, (p_s_old, p_t, _, _, prefix, valid, _, _) in enumerate(TOKENS):
         expected = 0.0 if not valid else (-0.01 if prefix else -math.log(p_t / p_s_old))
@@ -279,7 +294,7 @@ def test_raw_fkl_gradient_is_minus_teacher_probability():
 def test_tropd_agrees_with_opd_and_fkl_exactly_where_the_trust_mask_says(one_update):
     def run(name, trust=None):
         signals = make_signals(one_update, trust)
-        loss = token_loss(signals, MethodConfig(name=name, **DEFAULT_CONFIG), CONTEXT).loss
+        loss = token_loss(signals, MethodConfig(name=name, **DEFAULT_CONFIG), GUIDED).loss
         return value_and_grads(loss, signals)
 
     all_trusted, none_trusted = [True] * 8, [False] * 8
@@ -304,16 +319,21 @@ def test_tropd_agrees_with_opd_and_fkl_exactly_where_the_trust_mask_says(one_upd
             assert tropd_value[t] == fkl_value[t] and not torch.isclose(tropd_value[t], opd_value[t])
 
 
-@pytest.mark.parametrize("switch_fraction, switch_step", [(0.5, 5), (0.3, 3)])
-def test_reopold_2stage_switches_at_the_configured_step(switch_fraction, switch_step):
+@pytest.mark.parametrize(
+    "switch_fraction, total_steps, switch_step",
+    # ceil(fraction * steps): an odd run gives the reward stage the larger half (round() would give
+    # 2 of 5 and 4 of 7: banker's rounding)
+    [(0.5, 10, 5), (0.3, 10, 3), (0.5, 5, 3), (0.5, 7, 4), (0.7, 10, 7), (0.1, 3, 1)],
+)
+def test_reopold_2stage_switches_at_the_configured_step(switch_fraction, total_steps, switch_step):
     config = MethodConfig(name="reopold_2stage", reopold_switch_fraction=switch_fraction, **DEFAULT_CONFIG)
-    assert config.reopold_switch_step(10) == switch_step
+    assert config.reopold_switch_step(total_steps) == switch_step
     tau = config.outlier_tau
     student = [t for t, row in enumerate(TOKENS) if row[5] and not row[4]]
     advantage = {t: math.log(TOKENS[t][1] / TOKENS[t][0]) for t in student}
     for step in (switch_step - 1, switch_step):
         signals = make_signals(one_update=True)
-        context = MethodContext(step=step, total_steps=10, entropy_threshold=1.2)
+        context = MethodContext(step=step, total_steps=total_steps, entropy_threshold=1.2)
         (grad,) = torch.autograd.grad(token_loss(signals, config, context).loss.sum(), [signals.lp_student])
         kept = {t for t in student if grad[t] != 0}
         if step < switch_step:
@@ -580,6 +600,63 @@ def test_defaults_follow_method_md_and_names_match_the_registry():
     assert config.reopold_switch_step(200) == 100
     assert tuple(METHOD_REGISTRY) == METHOD_NAMES and FKL_FAMILIES == ops.FKL_FAMILIES
     assert get_method("reopold") is get_method("clip_outlier")
+
+
+def test_every_spec_names_a_loss_and_every_loss_serves_a_method():
+    assert {spec.loss for spec in METHOD_SPECS.values()} == set(LOSS_FUNCTIONS)
+    for name, spec in METHOD_SPECS.items():
+        assert METHOD_REGISTRY[name] is LOSS_FUNCTIONS[spec.loss] is get_method(name)
+    assert get_method("fkl_outlier") is get_method("tropd")
+    assert {name for name, spec in METHOD_SPECS.items() if spec.guidance} == GUIDED_BY_DEFAULT
+
+
+def _loss_and_grads(signals: TokenSignals, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    config = MethodConfig(name=name, **ALTERED_CONFIG)
+    context = make_method_context(config, signals, step=3, total_steps=10)
+    return value_and_grads(token_loss(signals, config, context).loss, signals)
+
+
+def _changed(name: str, **replacement) -> bool:
+    """Whether the loss or its gradient moves when the given signals are replaced."""
+    base_value, base_grads = _loss_and_grads(random_signals(40, seed=9), name)
+    signals = random_signals(40, seed=9)
+    for field_name, make in replacement.items():
+        setattr(signals, field_name, make(getattr(signals, field_name)))
+    value, grads = _loss_and_grads(signals, name)
+    return not (torch.equal(value, base_value) and all(map(torch.equal, grads, base_grads)))
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_the_spec_says_which_signals_the_loss_reads(name):
+    """Each need of the spec is proven both ways: a signal the spec leaves out does not move the loss,
+    one it lists does (so scoring may skip what no loss reads, and must compute what one does)."""
+    spec = METHOD_SPECS[name]
+    assert _changed(name, lp_teacher_topk=lambda x: (x - 0.3).clamp_max(0.0)) == spec.teacher_topk
+    assert _changed(name, trust_mask=lambda m: ~m) == spec.trust_mask
+    assert _changed(name, entropy_teacher=torch.zeros_like) == spec.teacher_entropy
+    context = make_method_context(MethodConfig(name=name, topk=5), random_signals(40, seed=9), 0, 10)
+    assert (context.entropy_threshold is not None) == (spec.entropy_fraction is not None)
+    if spec.entropy_fraction is not None:  # the fraction the spec names is the one the loss keeps
+        config = MethodConfig(name=name, topk=5, **{spec.entropy_fraction: 0.5})
+        signals = random_signals(40, seed=9)
+        expected = entropy_quantile_threshold(signals.entropy_student_old, signals.student_token_mask, 0.5)
+        assert make_method_context(config, signals, 0, 10).entropy_threshold == expected
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_guidance_term_follows_the_context_for_every_method(name):
+    """On: teacher-prefix tokens get beta * (lpT - lpS) (gradient -beta); off: no term, no loss there."""
+    prefix = [t for t, row in enumerate(TOKENS) if row[4] and row[5]]
+    config = MethodConfig(name=name, **ALTERED_CONFIG)
+    for context, guided in ((GUIDED, True), (UNGUIDED, False), (CONTEXT, name in GUIDED_BY_DEFAULT)):
+        signals = make_signals(one_update=True)
+        result = token_loss(signals, config, context)
+        (grad,) = grads_of(result.loss.sum(), signals)[:1]  # fkl without guidance never reads lp_student
+        assert ("guidance" in result.terms) == guided
+        for t in prefix:
+            beta = config.guidance_beta if guided else 0.0
+            assert grad[t].item() == pytest.approx(-beta, abs=1e-15)
+            assert result.loss[t].item() == pytest.approx(beta * math.log(TOKENS[t][1] / TOKENS[t][0]))
 
 
 def test_wrong_method_name_lists_allowed_names_and_closest_match():

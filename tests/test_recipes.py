@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -183,6 +184,15 @@ def test_unknown_override_keys_suggest_close_matches(override, suggestion):
         apply_overrides(get_recipe("tiny_cpu"), [override])
 
 
+def test_dict_fields_take_a_json_object():
+    config = apply_overrides(get_recipe("tiny_cpu"), ['data.chat_template_kwargs={"enable_thinking": false}'])
+    assert config.data.chat_template_kwargs == {"enable_thinking": False}
+    assert get_recipe("tiny_cpu").data.chat_template_kwargs == {}  # the recipe itself is untouched
+    for bad in ("[1]", "{oops", "true"):
+        with pytest.raises(ValueError, match=r"data.chat_template_kwargs=.*expected dict .*JSON object"):
+            apply_overrides(get_recipe("tiny_cpu"), [f"data.chat_template_kwargs={bad}"])
+
+
 def test_override_without_equals_is_refused():
     with pytest.raises(ValueError, match="key.sub=value"):
         apply_overrides(RunConfig(), ["optim.lr"])
@@ -238,6 +248,10 @@ def test_main_runs_the_trainer_with_the_checked_config(monkeypatch, empty_cwd):
     for name, value in PAPER_ENV.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("WORLD_SIZE", "64")
+    with pytest.raises(SystemExit) as stopped:  # the paper's prompt files do not exist here
+        train.launch("deepseek_math_tropd", ["optim.lr=1e-6"])
+    assert stopped.value.code == 2 and len(received) == 1
+    monkeypatch.setattr(train, "preflight_status", lambda config: 0)  # as if the files were there
     train.launch("deepseek_math_tropd", ["optim.lr=1e-6"])
     assert received[-1].optim.lr == 1e-6 and received[-1].checkpoint.save_dir == "/runs/x"
 
@@ -287,3 +301,22 @@ def test_recipes_and_train_import_no_torch(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_table5_rows_are_math_recipes_and_print_config_shows_the_effective_guidance(capsys, monkeypatch):
+    from megatron_tropd.methods import METHOD_SPECS, TABLE5_METHODS
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert set(TABLE5_METHODS) <= set(METHOD_NAMES) and "fkl_outlier" in TABLE5_METHODS
+    guided = {"tropd", "tropd_mask", "tropd_clip", "tropd_aopd"}  # method.md: the TrOPD family only
+    assert {name for name, spec in METHOD_SPECS.items() if spec.guidance} == guided
+    for method in TABLE5_METHODS:
+        assert get_recipe(f"deepseek_math_{method}").rollout.guidance is None  # the method decides
+        for overrides, expected in (([], method in guided), (["rollout.guidance=true"], True),
+                                    (["rollout.guidance=false"], False)):  # fmt: skip
+            argv = ["--recipe", f"deepseek_math_{method}", *overrides, "--print-config"]
+            assert train.main(argv) == 0
+            printed = json.loads(capsys.readouterr().out)
+            assert printed["rollout"]["guidance"] is expected, (method, overrides)
+    other = train.build_config("deepseek_math_tropd", ["method.name=opd"], PAPER_ENV)
+    assert other.rollout.guidance is False  # follows the overridden method, not the recipe's

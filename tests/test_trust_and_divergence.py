@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import mpmath
 import pytest
 import torch
 
@@ -17,7 +18,12 @@ from megatron_tropd.ops import (
     vocab_parallel_log_probs_at,
     vocab_parallel_topk,
 )
-from megatron_tropd.ops.divergence import FKL_FAMILIES
+from megatron_tropd.ops import reference as ref
+from megatron_tropd.ops.divergence import FKL_FAMILIES, log1mexp
+from megatron_tropd.ops.vocab_parallel import (
+    vocab_parallel_token_stats_with_tail,
+    vocab_parallel_topk_forward_kl,
+)
 from megatron_tropd.spawn import run_on_ranks
 
 NUM_SAMPLES, SEQ_LEN = 64, 500
@@ -125,6 +131,81 @@ def test_fkl_hand_written_backward_passes_gradcheck(family):
     assert torch.autograd.gradcheck(lambda x: topk_forward_kl(x, lp_t, family), (lp_s,))
 
 
+def test_tail_fkl_with_the_student_tail_passes_gradcheck():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 12, generator=generator, dtype=torch.float64)
+    lp_t = torch.log_softmax(torch.randn(5, 12, generator=generator, dtype=torch.float64), -1)[:, :6]
+    lp_s = torch.log_softmax(logits, -1)[:, :6].requires_grad_(True)
+    lp_tail = torch.logsumexp(torch.log_softmax(logits, -1)[:, 6:], -1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, y: topk_forward_kl(x, lp_t, "tail", y), (lp_s, lp_tail))
+    # with the exact tail the value equals the complement form wherever the complement is exact
+    torch.testing.assert_close(
+        topk_forward_kl(lp_s, lp_t, "tail", lp_tail), topk_forward_kl(lp_s, lp_t, "tail")
+    )
+
+
+def _tiny_tail_problem(tail_mass: float):
+    """Student logits ``[6, 48]`` whose mass outside the teacher's top-8 is ``tail_mass``."""
+    generator = torch.Generator().manual_seed(4)
+    teacher = torch.randn(6, 48, generator=generator, dtype=torch.float64) * 2
+    student = torch.randn(6, 48, generator=generator, dtype=torch.float64)
+    ids, lp_t = ref.vocab_parallel_topk(teacher, 8, 48)
+    outside = torch.ones_like(student, dtype=torch.bool).scatter(-1, ids, False)
+    masked = [
+        torch.logsumexp(student.masked_fill(m, float("-inf")), -1, keepdim=True) for m in (outside, ~outside)
+    ]
+    student = torch.where(outside, student + masked[0] - masked[1] + math.log(tail_mass), student)
+    return student, ids, lp_t
+
+
+def _value_and_logits_grad(fn, logits):
+    leaf = logits.detach().clone().requires_grad_(True)
+    value = fn(leaf)
+    value.sum().backward()
+    return value.detach().double(), leaf.grad.double()
+
+
+def test_tail_fkl_in_fp32_is_exact_for_a_student_tail_of_1e_minus_9():
+    """``1 - sum(top-k)`` rounds to 0 in fp32 below ~1e-7 of mass; the tail summed over its own columns
+    keeps the value and the logits gradient at fp32 accuracy (max |grad| here is ~0.6)."""
+    student, ids, lp_t = _tiny_tail_problem(1e-9)
+    assert ref.log_mass_outside(student, ids, 48).exp().allclose(torch.tensor(1e-9, dtype=torch.float64))
+    expected = _value_and_logits_grad(
+        lambda x: ref.vocab_parallel_topk_forward_kl(x, ids, lp_t, 48, "tail"), student
+    )
+    got = _value_and_logits_grad(
+        lambda x: vocab_parallel_topk_forward_kl(x, ids, lp_t.float(), None, 48, "tail"), student.float()
+    )
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], expected[1], atol=1e-6, rtol=0)
+    assert expected[1].abs().max() < 1.0
+    # through the loss's own path: token stats with the tail, then the [T, k] divergence
+    loss_path = _value_and_logits_grad(lambda x: _fkl_from_stats(x, ids, lp_t.float()), student.float())
+    torch.testing.assert_close(loss_path[0], expected[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss_path[1], expected[1], atol=1e-6, rtol=0)
+    # the complement of fp32 top-k log-probs cannot resolve this tail: the defect the exact tail fixes
+    complement = _value_and_logits_grad(
+        lambda x: topk_forward_kl(vocab_parallel_log_probs_at(x, ids, None, 48), lp_t.float(), "tail"),
+        student.float(),
+    )
+    assert (complement[1] - expected[1]).abs().max() > 1.0
+
+
+def _fkl_from_stats(logits, ids, lp_t):
+    """The loss's path: log-probs at ``ids`` and the tail outside them, then the ``[T, k]`` divergence."""
+    lp_s, _, lp_tail = vocab_parallel_token_stats_with_tail(logits, ids, None, 48, 0, False)
+    return topk_forward_kl(lp_s, lp_t, "tail", lp_tail)
+
+
+def test_log1mexp_is_accurate_at_both_ends():
+    x = torch.tensor([-1e-12, -1e-6, -0.5, -math.log(2.0), -5.0, -40.0], dtype=torch.float64)
+    # Reference at 50 digits: log(-expm1(x)) itself loses everything near -40 (1 - 4e-18 rounds to 1).
+    with mpmath.workdps(50):
+        expected = [float(mpmath.log(-mpmath.expm1(mpmath.mpf(v)))) for v in x.tolist()]
+    torch.testing.assert_close(log1mexp(x), torch.tensor(expected, dtype=torch.float64), atol=0, rtol=1e-14)
+    assert log1mexp(torch.tensor([0.0, 1e-9])).isneginf().all()  # no mass left (rounding above 0 too)
+
+
 def test_raw_fkl_gradient_on_logits_is_bounded_where_value_is_infinite():
     """d raw-FKL / dz = (sum_{V_k} pi_T) pi_S - pi_T 1[V_k]: finite even with a -inf student logit."""
     teacher = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]], dtype=torch.float64)
@@ -175,3 +256,9 @@ def test_bad_input_names_the_problem():
         vocab_parallel_log_probs_at(logits, torch.zeros(4, 1, dtype=torch.long), None, 10)
     with pytest.raises(ValueError, match="beta"):
         jsd_topk_teacher_term(torch.zeros(3, 2), torch.zeros(3, 2), 1.0)
+    with pytest.raises(ValueError, match="only read by the 'tail' family, not 'raw'"):
+        topk_forward_kl(torch.zeros(3, 2), torch.zeros(3, 2), "raw", torch.zeros(3))
+    with pytest.raises(ValueError, match=r"lp_student_tail must be \[T\] = \[3\]"):
+        topk_forward_kl(torch.zeros(3, 2), torch.zeros(3, 2), "tail", torch.zeros(2))
+    with pytest.raises(ValueError, match="tail_from = 3"):
+        vocab_parallel_token_stats_with_tail(logits, torch.zeros(3, 2, dtype=torch.long), None, 10, 3)

@@ -52,6 +52,13 @@ def _sharded_results(case, tp, rank, group, dtype):
             s_shard,
             (w_lp, w_h),
         )
+        out[f"token_stats_tail_inplace{inplace}"] = _grad_of(
+            lambda x, inplace=inplace: vp.vocab_parallel_token_stats_with_tail(
+                x, ids, group, vocab, 1, True, CHUNK_TOKENS, inplace
+            ),
+            s_shard,
+            (w_lp, w_h, w_h.flip(0)),
+        )
     out["log_prob"] = _grad_of(
         lambda x: vp.vocab_parallel_log_prob(x, targets, group, vocab), s_shard, (w_h,)
     )
@@ -85,6 +92,11 @@ def _reference_results(case, tp):
     out = {"stats": ref.vocab_parallel_log_softmax_stats(student, vocab), "topk": (top_ids, top_lp)}
     out["token_stats"] = _grad_of(
         lambda x: ref.vocab_parallel_token_stats(x, ids, vocab), student, (w_lp, w_h)
+    )
+    out["token_stats_tail"] = _grad_of(
+        lambda x: ref.vocab_parallel_token_stats_with_tail(x, ids, vocab, 1),
+        student,
+        (w_lp, w_h, w_h.flip(0)),
     )
     out["log_prob"] = _grad_of(lambda x: ref.vocab_parallel_log_prob(x, targets, vocab), student, (w_h,))
     out["entropy"] = _grad_of(lambda x: ref.vocab_parallel_entropy(x, vocab), student, (w_h,))
@@ -122,9 +134,9 @@ def _compare_case(case, per_rank, tp, dtype):
         assert torch.equal(first["topk"][0], expected["topk"][0]), f"{case.name}: top-k ids differ"
     _close(first["topk"][1], expected["topk"][1], atol, f"{case.name} top-k log-probs")
     _close(first["agreement"], expected["agreement"], atol, f"{case.name} agreement ratio")
-    inplace = [r[case.name]["token_stats_inplaceTrue"][1] for r in per_rank]
     for name in (
         "token_stats_inplaceFalse",
+        "token_stats_tail_inplaceFalse",
         "log_prob",
         "entropy",
         "jsd",
@@ -136,9 +148,10 @@ def _compare_case(case, per_rank, tp, dtype):
             _close(got, want, atol, f"{case.name} {name} value")
         grad = torch.cat([r[case.name][name][1] for r in per_rank], -1)
         _close(grad, expected_grad, atol, f"{case.name} {name} gradient")
-    assert torch.equal(
-        torch.cat(inplace, -1), torch.cat([r[case.name]["token_stats_inplaceFalse"][1] for r in per_rank], -1)
-    )
+    for op in ("token_stats", "token_stats_tail"):
+        inplace = [r[case.name][f"{op}_inplaceTrue"][1] for r in per_rank]
+        copied = [r[case.name][f"{op}_inplaceFalse"][1] for r in per_rank]
+        assert torch.equal(torch.cat(inplace, -1), torch.cat(copied, -1)), f"{case.name} {op} in place"
 
 
 def _values(result):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ class Case:
     extra_padding: int  # padded columns beyond the true vocabulary (before rounding up to the TP size)
     num_tokens: int
     k: int
-    kind: str = "random"  # random | one_shard | straddle | ties | neg_inf
+    kind: str = "random"  # random | one_shard | straddle | ties | neg_inf | tiny_tail
 
 
 CASES = [
@@ -25,7 +26,16 @@ CASES = [
     Case("k_larger_than_shard", 41, 3, 13, 15),
     Case("ties", 36, 4, 21, 7, "ties"),
     Case("neg_inf_logits", 38, 2, 15, 6, "neg_inf"),
+    Case("tiny_student_tail", 44, 2, 11, 6, "tiny_tail"),
 ]
+# tiny_tail: the student's mass outside the teacher's top-k is about 1e-9, below what 1 - sum(top-k)
+# resolves in fp32 (the tail forward-KL family must sum the tail itself).
+TINY_TAIL_MASS = 1e-9
+
+
+def _log_mass(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unnormalised log-mass of ``logits`` over ``mask``, per row ``[T, 1]``."""
+    return torch.logsumexp(logits.masked_fill(~mask, float("-inf")), -1, keepdim=True)
 
 
 def padded_vocab(case: Case, tp: int) -> int:
@@ -51,6 +61,12 @@ def make_logits(case: Case, tp: int, dtype=torch.float64, seed: int = 0):
         banned[:, 0] = False
         teacher = teacher.masked_fill(banned & (torch.arange(shape[1]) % 2 == 0), float("-inf"))
         student = student.masked_fill(banned, float("-inf"))
+    elif case.kind == "tiny_tail":  # the student follows the teacher's top-k, leaving ~1e-9 outside
+        top = teacher[:, : case.vocab_size].topk(case.k, dim=-1).indices
+        inside = torch.zeros(shape, dtype=torch.bool).scatter(-1, top, True)
+        outside = ~inside & (torch.arange(shape[1]) < case.vocab_size)
+        shift = _log_mass(student, inside) - _log_mass(student, outside) + math.log(TINY_TAIL_MASS)
+        student = torch.where(outside, student + shift, student)
     # garbage in the padded columns must never leak into any result
     teacher[:, case.vocab_size :] = 50.0
     student[:, case.vocab_size :] = 50.0

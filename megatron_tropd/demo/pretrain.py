@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,14 @@ class PretrainSpec:
     seed: int
     skip_rate: float = 0.0  # > 0 or slip_rate > 0: the noisy writer (the student's data)
     slip_rate: float = 0.0
+    # Another task's writer ``(problem, rng) -> response`` and problem source ``rng -> problem`` (both
+    # picklable, module level); None: the demo's arithmetic and the skip/slip rates above.
+    writer: Callable | None = None
+    problem_maker: Callable | None = None
 
     def response(self, problem, rng: random.Random) -> str:
+        if self.writer is not None:
+            return self.writer(problem, rng)
         if self.skip_rate == 0.0 and self.slip_rate == 0.0:
             return teacher_response(problem)
         return noisy_response(problem, rng, self.skip_rate, self.slip_rate)
@@ -61,7 +68,8 @@ def sft_batch(tokenizer: Tokenizer, pairs: list[tuple[str, str]]) -> RolloutBatc
 
 def _step_pairs(spec: PretrainSpec, step: int) -> list[tuple[str, str]]:
     rng = random.Random(spec.seed * 1_000_003 + step)
-    problems = [make_problem(rng) for _ in range(spec.batch_size)]
+    make = spec.problem_maker or make_problem
+    problems = [make(rng) for _ in range(spec.batch_size)]
     return [(p.prompt, spec.response(p, rng)) for p in problems]
 
 

@@ -73,7 +73,8 @@ def markdown(summaries: dict[str, dict], models: list[dict], k: int, timings: di
     lines += [
         "",
         "The trust fraction is the share of student tokens drawn into the trust region (M = 1); every run "
-        "draws it, only TrOPD's loss uses it. TrOPD alone continues teacher-written prefixes (guidance).",
+        "draws it, only the TrOPD losses use it. Only the TrOPD family (TrOPD, TrOPD Mask, TrOPD Clip, "
+        "TrOPD AOPD) continues teacher-written prefixes (off-policy guidance); every baseline is on-policy.",
         "",
         f"Total wall time: {timings.get('total', math.nan):.0f} s.",
         "",

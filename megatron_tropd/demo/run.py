@@ -128,7 +128,8 @@ def pretrain_specs(size: DemoSize, seed: int) -> list[PretrainSpec]:
 
 
 def distill_config(method: str, files: DemoFiles, size: DemoSize, seed: int) -> RunConfig:
-    """One method's run: identical for every method except the method itself (and TrOPD's guidance)."""
+    """One method's run: identical for every method except the method itself and its default guidance
+    (on for the TrOPD family only, ``methods.METHOD_SPECS``)."""
     teacher, student = model_configs()
     return RunConfig(
         name=f"demo_{method}", student=student, teacher=teacher,
@@ -136,15 +137,14 @@ def distill_config(method: str, files: DemoFiles, size: DemoSize, seed: int) -> 
         optim=OptimConfig(lr=5e-4, micro_batch_size=_rows_per_rank(size)),
         rollout=RolloutConfig(
             prompts_per_step=size.prompts_per_step, samples_per_prompt=size.samples_per_prompt,
-            max_prompt_length=PROMPT_TOKENS, max_new_tokens=RESPONSE_TOKENS, guidance=method == "tropd",
-            seed=seed,
+            max_prompt_length=PROMPT_TOKENS, max_new_tokens=RESPONSE_TOKENS, seed=seed,
         ),
         data=DataConfig(
             train_prompts=str(files.prompts), tokenizer=str(files.tokenizer), chat_template="none"
         ),
         checkpoint=CheckpointConfig(
             save_dir=str(files.run_dir(method)), save_interval=size.distill_steps, keep_last=1,
-            student_init=str(files.student), teacher=str(files.teacher), resume=False,
+            student_init=str(files.student), teacher=str(files.teacher), resume="never",
         ),
         eval=EvalConfig(
             interval=size.eval_interval, benchmarks=str(files.heldout), samples_per_prompt=size.k,
@@ -152,7 +152,7 @@ def distill_config(method: str, files: DemoFiles, size: DemoSize, seed: int) -> 
         ),
         logging=LoggingConfig(tensorboard=False),
         train_steps=size.distill_steps, seed=seed,
-    )  # fmt: skip
+    ).resolved()  # fmt: skip
 
 
 def _distill_worker(rank: int, world_size: int, config: RunConfig) -> list[dict]:

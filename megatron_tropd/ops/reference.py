@@ -43,6 +43,18 @@ def vocab_parallel_token_stats(logits, ids, vocab_size):
     return vocab_parallel_log_probs_at(logits, ids, vocab_size), vocab_parallel_entropy(logits, vocab_size)
 
 
+def log_mass_outside(logits, ids, vocab_size):
+    """``log sum_{v not in ids} pi(v)`` per token: the log-probs outside ``ids`` summed directly."""
+    log_p = _log_softmax(logits, vocab_size)
+    outside = torch.ones_like(log_p, dtype=torch.bool).scatter(-1, ids, False)
+    return torch.logsumexp(torch.where(outside, log_p, torch.full_like(log_p, float("-inf"))), -1)
+
+
+def vocab_parallel_token_stats_with_tail(logits, ids, vocab_size, tail_from):
+    lp, entropy = vocab_parallel_token_stats(logits, ids, vocab_size)
+    return lp, entropy, log_mass_outside(logits, ids[..., tail_from:], vocab_size)
+
+
 @torch.no_grad()
 def vocab_parallel_topk(logits, k, vocab_size):
     """Top-k by a stable descending sort of the whole vocabulary: ties go to the lower id."""
@@ -67,11 +79,9 @@ def vocab_parallel_topk_forward_kl(logits, teacher_ids, lp_teacher_topk, vocab_s
         log_q_s = lp_s - torch.logsumexp(lp_s, -1, keepdim=True)
         return _plogp_ratio(log_q_t.exp(), log_q_t, log_q_s).sum(-1)
     if family == "tail":
-        outside = torch.ones_like(log_p_student, dtype=torch.bool).scatter(-1, teacher_ids, False)
-        tail_s = torch.where(outside, log_p_student.exp(), torch.zeros_like(log_p_student)).sum(-1)
         tail_t = (1 - p_t.sum(-1)).clamp_min(0)
-        floor = 1e-12
-        tail_term = _plogp_ratio(tail_t, tail_t.clamp_min(floor).log(), tail_s.clamp_min(floor).log())
+        lp_tail_s = log_mass_outside(logits, teacher_ids, vocab_size)
+        tail_term = _plogp_ratio(tail_t, tail_t.clamp_min(1e-300).log(), lp_tail_s)
         return _plogp_ratio(p_t, lp_teacher_topk, lp_s).sum(-1) + tail_term
     raise ValueError(f"unknown family {family!r}")
 

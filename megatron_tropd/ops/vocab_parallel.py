@@ -225,47 +225,113 @@ def _chunk_grad(z, lse, entropy, grad_sum, grad_entropy):
     return grad.mul_(coefficient).neg_()
 
 
-def _write_grad_chunk(out, z, lse, entropy, grad_sum, grad_entropy, onehot_index, grad_onehot):
-    """Write the gradient of one chunk of rows, one-hot part included, into ``out [C, V_valid]``."""
-    grad = _chunk_grad(z, lse, entropy, grad_sum, grad_entropy)
+def _outside(z: torch.Tensor, index: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
+    """A copy of the chunk ``z [C, V_valid]`` with -inf at the owned ids of ``index [C, m]`` (local
+    columns). "amin" makes the non-owned ids, which point at a clamped column, write back that column's own
+    value, so the result does not depend on the order of duplicate indices."""
+    minus_inf = torch.full(index.shape, float("-inf"), dtype=z.dtype, device=z.device)
+    excluded = torch.where(owned, minus_inf, z.gather(-1, index))
+    return z.scatter_reduce(-1, index, excluded, "amin")
+
+
+def _tail_grad(z, index, owned, lse_tail, grad_tail):
+    """``grad_tail * pi_j / tail`` for the columns ``j`` outside the ids, 0 at the ids ``[C, V_valid]``.
+
+    The ``- grad_tail * pi_j`` half of ``d log(tail) / dz_j`` joins the per-token sum of the other terms;
+    this half never forms ``pi_j / tail`` at an excluded id, so nothing cancels when the tail is tiny.
+    """
+    finite = torch.isfinite(lse_tail)
+    lse_tail = torch.where(finite, lse_tail, torch.zeros_like(lse_tail))
+    grad_tail = torch.where(finite, grad_tail, torch.zeros_like(grad_tail))
+    log_q = torch.sub(_outside(z, index, owned), lse_tail.unsqueeze(-1)).clamp_min_(_LOG_ZERO)
+    return log_q.exp_().mul_(grad_tail.unsqueeze(-1))
+
+
+def _write_grad_chunk(out, z, lse, entropy, grad_sum, grad_entropy, onehot_index, grad_onehot, tail=None):
+    """Write the gradient of one chunk of rows, one-hot part included, into ``out [C, V_valid]``.
+
+    ``tail``: ``(index, owned, lse_tail, grad_tail)`` of the log-mass outside the ids, when requested."""
+    if tail is None:
+        grad = _chunk_grad(z, lse, entropy, grad_sum, grad_entropy)
+    else:
+        index, owned, lse_tail, grad_tail = tail
+        grad = _chunk_grad(z, lse, entropy, grad_sum + grad_tail, grad_entropy)
+        grad.add_(_tail_grad(z, index, owned, lse_tail, grad_tail))
     grad.scatter_add_(-1, onehot_index, grad_onehot)
     out.copy_(grad)
 
 
+def _local_tail_stats(logits, shard: VocabShard, index, owned, chunk_tokens) -> torch.Tensor:
+    """Per token ``(m_r, s_r)`` ``[T, 2]`` of this rank's columns outside the ids (``_local_stats``)."""
+    dtype = _compute_dtype(logits.dtype)
+    stats = torch.zeros(logits.shape[0], 2, dtype=dtype, device=logits.device)
+    stats[:, 0] = float("-inf")
+    if shard.valid_size == 0:
+        return stats
+    for rows in _chunks(logits.shape[0], shard.local_size, chunk_tokens, logits.device):
+        z = _outside(logits[rows, : shard.valid_size], index[rows], owned[rows])
+        local_max, sum_exp, _ = _chunk_stats(z, dtype, False)
+        stats[rows, 0], stats[rows, 1] = local_max, sum_exp
+    return stats
+
+
+def _tail_log_sum_exp(logits, shard: VocabShard, tp_group, local_ids, owned, chunk_tokens) -> torch.Tensor:
+    """Global log-sum-exp ``[T]`` of the true vocabulary minus the given ids (one all-gather)."""
+    index = local_ids.clamp(0, max(shard.valid_size - 1, 0))
+    local = _local_tail_stats(logits, shard, index, owned, chunk_tokens)  # [T, 2]
+    gathered = _all_gather_cat(local.unsqueeze(1), tp_group, dim=1)  # [T, R, 2]
+    return _combine_stats(gathered, False).lse
+
+
 class _VocabParallelTokenStats(torch.autograd.Function):
-    """Log-probs at given global ids and (optionally) the entropy, from vocab-sharded logits.
+    """Log-probs at given global ids, (optionally) the entropy and the log-mass outside some of the ids,
+    from vocab-sharded logits.
 
     Shapes: ``logits [T, V_local]`` (sharded on the last dim over ``tp_group``), ``ids [T, m]`` global
-    ids (may straddle shards); outputs ``lp [T, m]`` and ``entropy [T]`` (zeros when not requested),
-    both replicated on every TP rank. Forward: all-gather of per-rank softmax statistics, all-reduce of
-    the gathered logits. Backward: no collective; the gradient of the local columns is rebuilt chunk by
-    chunk from the saved logits and log-sum-exp.
+    ids (may straddle shards); outputs ``lp [T, m]``, ``entropy [T]`` and ``lp_tail [T]`` = log of the
+    probability outside ``ids[:, tail_from:]`` (zeros when not requested), all replicated on every TP
+    rank. The tail is summed over its own columns (never ``1 - sum``), so it stays exact however small.
+    Forward: all-gather of per-rank softmax statistics (twice with the tail), all-reduce of the gathered
+    logits. Backward: no collective; the gradient of the local columns is rebuilt chunk by chunk from the
+    saved logits and log-sum-exps.
     """
 
     @staticmethod
-    def forward(ctx, logits, ids, tp_group, vocab_size, with_entropy, chunk_tokens, inplace_backward):
+    def forward(
+        ctx, logits, ids, tp_group, vocab_size, with_entropy, chunk_tokens, inplace_backward, tail_from
+    ):
         shard = vocab_shard(logits.shape[-1], tp_group, vocab_size)
         stats = _softmax_stats(logits, shard, tp_group, with_entropy, chunk_tokens)
         picked, local_ids, owned = _gather_logits_at(logits, ids, shard, tp_group)
         log_probs = picked - stats.lse.unsqueeze(-1)
         entropy = stats.entropy if with_entropy else torch.zeros_like(stats.lse)
-        ctx.save_for_backward(logits, local_ids, owned, stats.lse, entropy)
-        ctx.config = (shard, with_entropy, chunk_tokens, inplace_backward)
-        return log_probs, entropy
+        lse_tail = torch.zeros_like(stats.lse)
+        if tail_from is not None:
+            tail_ids = (local_ids[:, tail_from:], owned[:, tail_from:])
+            lse_tail = _tail_log_sum_exp(logits, shard, tp_group, *tail_ids, chunk_tokens)
+        lp_tail = lse_tail - stats.lse if tail_from is not None else torch.zeros_like(stats.lse)
+        ctx.save_for_backward(logits, local_ids, owned, stats.lse, entropy, lse_tail)
+        ctx.config = (shard, with_entropy, chunk_tokens, inplace_backward, tail_from)
+        return log_probs, entropy, lp_tail
 
     @staticmethod
-    def backward(ctx, grad_log_probs, grad_entropy):
-        logits, local_ids, owned, lse, entropy = ctx.saved_tensors
-        shard, with_entropy, chunk_tokens, inplace_backward = ctx.config
+    def backward(ctx, grad_log_probs, grad_entropy, grad_lp_tail):
+        logits, local_ids, owned, lse, entropy, lse_tail = ctx.saved_tensors
+        shard, with_entropy, chunk_tokens, inplace_backward, tail_from = ctx.config
         grad_entropy = grad_entropy if with_entropy else None
         grad_logits = logits if inplace_backward else torch.empty_like(logits)
         grad_logits[:, shard.valid_size :] = 0  # padded columns take no gradient
+        nones = (None,) * 7
         if shard.valid_size == 0:
-            return grad_logits, None, None, None, None, None, None
+            return grad_logits, *nones
         grad_sum = grad_log_probs.sum(-1)
         grad_onehot = torch.where(owned, grad_log_probs, torch.zeros_like(grad_log_probs))
         onehot_index = local_ids.clamp(0, shard.valid_size - 1)  # non-owned ids add exact zeros
         for rows in _chunks(logits.shape[0], shard.local_size, chunk_tokens, logits.device):
+            tail = None
+            if tail_from is not None:
+                index, tail_owned = onehot_index[rows, tail_from:], owned[rows, tail_from:]
+                tail = (index, tail_owned, lse_tail[rows], grad_lp_tail[rows])
             _write_grad_chunk(
                 grad_logits[rows, : shard.valid_size],
                 logits[rows, : shard.valid_size],
@@ -275,8 +341,9 @@ class _VocabParallelTokenStats(torch.autograd.Function):
                 None if grad_entropy is None else grad_entropy[rows],
                 onehot_index[rows],
                 grad_onehot[rows],
+                tail,
             )
-        return grad_logits, None, None, None, None, None, None
+        return grad_logits, *nones
 
 
 def vocab_parallel_token_stats(
@@ -293,7 +360,36 @@ def vocab_parallel_token_stats(
     One pass over the vocabulary serves both, and one backward pass returns the gradient of any loss
     built from them. ``inplace_backward=True`` overwrites ``logits`` with its gradient during backward:
     use it only when nothing else reads those logits afterwards (a model's output layer, as usual).
+    ``vocab_parallel_token_stats_with_tail`` also returns the log-mass outside some of the ids.
     """
+    log_probs, entropy, _ = _token_stats(logits, ids, tp_group, vocab_size, with_entropy, chunk_tokens,
+                                         inplace_backward, None)  # fmt: skip
+    return log_probs, entropy
+
+
+def vocab_parallel_token_stats_with_tail(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    tp_group,
+    vocab_size: int,
+    tail_from: int,
+    with_entropy: bool = True,
+    chunk_tokens: int | None = None,
+    inplace_backward: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``vocab_parallel_token_stats`` plus ``lp_tail [...]``: the log of the probability outside the ids
+    ``ids[..., tail_from:]`` (the teacher's top-k, for the ``tail`` forward-KL family), differentiable.
+
+    The tail is a log-sum-exp over its own columns, not ``1 - sum(top-k)``, so it and its gradient stay
+    exact in fp32 however little mass is left (``1 - sum`` rounds to 0 below about 1e-7).
+    """
+    if not 0 <= tail_from <= ids.shape[-1]:
+        raise ValueError(f"tail_from = {tail_from} must index the ids' last dimension of {ids.shape[-1]}")
+    return _token_stats(logits, ids, tp_group, vocab_size, with_entropy, chunk_tokens, inplace_backward,
+                        tail_from)  # fmt: skip
+
+
+def _token_stats(logits, ids, tp_group, vocab_size, with_entropy, chunk_tokens, inplace_backward, tail_from):
     flat = _flatten(logits)
     if ids.shape[:-1] != logits.shape[:-1]:
         raise ValueError(
@@ -301,10 +397,11 @@ def vocab_parallel_token_stats(
         )
     _check_ids(ids, vocab_size)
     flat_ids = ids.reshape(flat.shape[0], -1).to(torch.int64)
-    log_probs, entropy = _VocabParallelTokenStats.apply(
-        flat, flat_ids, tp_group, vocab_size, with_entropy, chunk_tokens, inplace_backward
+    log_probs, entropy, lp_tail = _VocabParallelTokenStats.apply(
+        flat, flat_ids, tp_group, vocab_size, with_entropy, chunk_tokens, inplace_backward, tail_from
     )
-    return log_probs.reshape(ids.shape), entropy.reshape(logits.shape[:-1])
+    lead = logits.shape[:-1]
+    return log_probs.reshape(ids.shape), entropy.reshape(lead), lp_tail.reshape(lead)
 
 
 def vocab_parallel_log_probs_at(logits, ids, tp_group, vocab_size, chunk_tokens=None, inplace_backward=False):
@@ -401,11 +498,17 @@ def vocab_parallel_topk_forward_kl(
     student's log-probs at those ids are gathered without the vocabulary leaving its shards; the gradient
     w.r.t. the logits is the KL's hand-written derivative pushed through the gather's backward.
     """
-    lp_student_topk = vocab_parallel_log_probs_at(logits, teacher_ids, tp_group, vocab_size, chunk_tokens)
     k = teacher_ids.shape[-1]
-    return topk_forward_kl(lp_student_topk.reshape(-1, k), lp_teacher_topk.reshape(-1, k), family).reshape(
-        teacher_ids.shape[:-1]
-    )
+    if family == "tail":  # the student's tail mass summed over its own columns: exact however small
+        lp_student_topk, _, lp_tail = vocab_parallel_token_stats_with_tail(
+            logits, teacher_ids, tp_group, vocab_size, 0, False, chunk_tokens
+        )
+        lp_tail = lp_tail.reshape(-1)
+    else:
+        lp_student_topk = vocab_parallel_log_probs_at(logits, teacher_ids, tp_group, vocab_size, chunk_tokens)
+        lp_tail = None
+    kl = topk_forward_kl(lp_student_topk.reshape(-1, k), lp_teacher_topk.reshape(-1, k), family, lp_tail)
+    return kl.reshape(teacher_ids.shape[:-1])
 
 
 def vocab_parallel_jsd_teacher_term(logits, teacher_ids, lp_teacher_topk, tp_group, vocab_size, beta=0.5):

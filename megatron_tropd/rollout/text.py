@@ -8,11 +8,12 @@ requests and the results are gathered, so every rank returns the same lists.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch.distributed as dist
 
-from megatron_tropd.data import Tokenizer, render_prompt
+from megatron_tropd.data import Tokenizer, encode_prompt
 from megatron_tropd.rollout.engine import GenerationRequest, GenerationResult, SamplingParams
 from megatron_tropd.teacher import data_parallel_rows
 from megatron_tropd.topology import ModelGroups
@@ -42,17 +43,19 @@ class TextGenerator:
         *,
         max_new_tokens: int,
         chat_template: str = "auto",
+        chat_template_kwargs: Mapping[str, Any] | None = None,
         top_p: float = 1.0,
         seed: int = 0,
     ):
         self.engine, self.tokenizer, self.groups = engine, tokenizer, groups
         self.max_new_tokens, self.chat_template = max_new_tokens, chat_template
+        self.chat_template_kwargs = chat_template_kwargs
         self.top_p, self.seed = top_p, seed
 
     def _requests(self, prompts: Sequence[str], k: int) -> list[GenerationRequest]:
         requests = []
         for index, prompt in enumerate(prompts):
-            ids = tuple(self.tokenizer.encode(render_prompt(prompt, self.chat_template, self.tokenizer)))
+            ids = tuple(encode_prompt(prompt, self.chat_template, self.tokenizer, self.chat_template_kwargs))
             requests += [GenerationRequest(ids, index * k + sample) for sample in range(k)]
         return requests
 
