@@ -33,6 +33,7 @@ setup(
         "jinja2",  # data: chat templates
         "tokenizers",  # data: Hugging Face tokenizer.json files
         "safetensors",  # hf: streaming HF checkpoints tensor by tensor
+        "xxhash",  # checkpoint: the file manifest's fast content hash (XXH3-128)
     ],
     extras_require={
         # nemo-run is in dev too so CI tests the launcher (recipes/launch.py) and its sbatch golden file.

@@ -64,6 +64,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_tropd import integrity
+from megatron_tropd.config import ON_DAMAGED  # fail | previous: see load_checkpoint
 from megatron_tropd.models import ModelConfig
 from megatron_tropd.platform import default_device
 
@@ -73,6 +75,7 @@ __all__ = [
     "CHECKPOINT_METADATA",
     "LATEST",
     "OPTIMIZER_FORMATS",
+    "ON_DAMAGED",
     "CheckpointError",
     "latest_checkpoint",
     "load_checkpoint",
@@ -92,8 +95,10 @@ RNG_DIR = "rng"
 OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 """DistributedOptimizer checkpoint formats: DP-only resharding (fast, default) or any layout."""
 
+
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 _TMP_PREFIX = "tmp-"
+_DAMAGED_PREFIX = "damaged-"
 
 
 class CheckpointError(ValueError):
@@ -136,6 +141,59 @@ def _on_rank0(fn: Callable[..., Any], *args: Any) -> Any:
         _, is_checkpoint_error, message = outcome[0]
         raise (CheckpointError if is_checkpoint_error else RuntimeError)(f"on rank 0: {message}")
     return outcome[0][1]
+
+
+def _on_every_rank(fn: Callable[..., Any], *args: Any) -> list[Any]:
+    """Run ``fn`` on every rank and gather the results (rank order) on every rank; a failure on any rank
+    is raised on all of them, so none is left waiting in the next collective."""
+    try:
+        outcome: tuple = ("ok", fn(*args))
+    except Exception as exc:  # re-raised below, after every rank has reported
+        outcome = ("error", f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}")
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, outcome)
+    errors = [message for status, message in gathered if status == "error"]
+    if errors:
+        raise CheckpointError("; ".join(errors))
+    return [value for _, value in gathered]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Integrity: every file's size and hash, recorded at save and checked at load (``integrity``)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _record_files(directory: Path) -> dict[str, Any]:
+    """Collective: the manifest of every file in ``directory`` but our metadata, hashed by all ranks."""
+    names = _on_rank0(integrity.list_files, directory, (CHECKPOINT_METADATA,))
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    parts = _on_every_rank(integrity.hash_files, directory, integrity.share(names, rank, world_size))
+    files = {name: entry for part in parts for name, entry in part.items()}
+    return {"hash": integrity.HASH_NAME, "files": dict(sorted(files.items()))}
+
+
+def _damage(directory: Path, metadata: dict[str, Any]) -> list[str]:
+    """Collective: what is wrong with the files of ``directory`` against its manifest (empty: intact).
+
+    A checkpoint written without a manifest is loaded unverified, with a warning.
+    """
+    record = metadata.get("integrity")
+    if record is None:
+        if _is_rank0():
+            logger.warning(
+                "%s has no file manifest (saved by an older release): loading it unverified", directory
+            )
+        return []
+    manifest = record["files"]
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    mine = integrity.share(sorted(manifest), rank, world_size)
+    parts = _on_every_rank(integrity.check_files, directory, manifest, mine)
+    return sorted(problem for part in parts for problem in part)
+
+
+def _damage_summary(problems: list[str], limit: int = 5) -> str:
+    shown = "; ".join(problems[:limit])
+    return shown + (f"; and {len(problems) - limit} more" if len(problems) > limit else "")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -194,7 +252,9 @@ def _resolve_latest(root: Path) -> Path | None:
                 "another directory to start from scratch"
             )
         return None
-    name = marker.read_text(encoding="utf-8").strip()
+    name = _latest_name(root)
+    if len(name) > 80:
+        name = name[:80] + "..."
     fix = (
         f"write the name of a complete step directory into {marker} (complete: "
         f"{_complete_step_names(root) or 'none'}), or delete {marker} to start from scratch"
@@ -227,8 +287,16 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def _read_metadata(directory: Path) -> dict[str, Any]:
-    with open(directory / CHECKPOINT_METADATA, encoding="utf-8") as handle:
-        metadata = json.load(handle)
+    path = directory / CHECKPOINT_METADATA
+    try:
+        metadata = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{path} is damaged (truncated or overwritten: {type(exc).__name__}: {exc}); restore it, or "
+            "resume from an earlier step"
+        ) from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path} is damaged: it holds a {type(metadata).__name__}, not a JSON object")
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(
@@ -529,7 +597,7 @@ def _prepare_save(tmp_dir: Path, final_dir: Path, leftover_prefix: str, may_repl
     marker = parent / LATEST
     if final_dir.exists() and not may_replace:
         raise CheckpointError(f"{final_dir} already exists: save to a new path, or delete it first")
-    if marker.is_file() and marker.read_text(encoding="utf-8").strip() == final_dir.name:
+    if _latest_name(parent) == final_dir.name:
         raise CheckpointError(
             f"{final_dir} is the latest checkpoint ({marker}) and is never overwritten: save under a new "
             "step, or point 'latest' elsewhere first"
@@ -558,7 +626,7 @@ def _prune(root: Path, keep_last: int, newest_step: int) -> None:
     Directories numbered above ``newest_step`` (a branch abandoned by resuming from an older step) are
     left alone: a save of that step replaces them once the run gets there.
     """
-    latest = (root / LATEST).read_text(encoding="utf-8").strip()
+    latest = _latest_name(root)
     candidates = sorted(step for step in _step_dirs(root) if step <= newest_step)
     for step in candidates[: max(0, len(candidates) - keep_last)]:
         directory = root / step_dir_name(step)
@@ -600,6 +668,7 @@ def _write_in_tmp_dir(
     _on_rank0(_prepare_save, tmp_dir, final_dir, leftover_prefix, may_replace)
     write(tmp_dir)
     dist.barrier()  # every shard and side file is on disk
+    metadata = {**metadata, "integrity": _record_files(tmp_dir)}
     _on_rank0(_write_metadata, tmp_dir, metadata)
     return tmp_dir, nonce
 
@@ -649,6 +718,47 @@ def _train_metadata(step: int, student: Any, loop_state: dict, optimizer_format:
     }
 
 
+def signal_safe_save_strategy() -> Any:
+    """Megatron's default ``torch_dist`` save strategy, its writer's helper process kept out of signals.
+
+    The writer (``dist_checkpointing.strategies.filesystem_async``) collects its results through one
+    ``multiprocessing.Manager`` process per rank, started at the first save with default signal handling.
+    Slurm signals every process of a step, so the manager died of the very SIGTERM / SIGUSR1 whose
+    checkpoint the rank then wrote (``BrokenPipeError``). The manager is started here instead, once per
+    process, ignoring the stop signals and Ctrl-C and dying with its rank (``signals``).
+    """
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_tropd.signals import ignore_stop_signals_in_helper
+
+    if filesystem_async._results_queue is None:  # the writer's own lazily made queue, made our way
+        manager = SyncManager(ctx=torch.multiprocessing.get_context("spawn"))
+        manager.start(initializer=ignore_stop_signals_in_helper)
+        filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+    return get_default_save_sharded_strategy()
+
+
+def _local_tensors_finite(student: Any) -> bool:
+    """This rank's parameters and optimizer-state tensors (Adam moments) are all finite."""
+    tensors = [param.detach() for param in student.model.parameters()]
+    for sub_optimizer in _sub_optimizers(student.optimizer):
+        inner = getattr(sub_optimizer, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            floats = [value for value in state.values() if torch.is_tensor(value)]
+            tensors += [value for value in floats if value.is_floating_point()]
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
+
+
+def _student_finite_everywhere(student: Any) -> bool:
+    """One MIN all-reduce over the default group: every rank agrees whether to publish."""
+    flag = torch.tensor([1.0 if _local_tensors_finite(student) else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
@@ -657,16 +767,23 @@ def save_checkpoint(
     keep_last: int = 3,
     *,
     optimizer_format: str = "dp_reshardable",
-) -> Path:
+) -> Path | None:
     """Save the student's full training state as ``root/step-XXXXXXX`` and point ``root/latest`` at it.
 
     Collective over the default process group. ``loop_state`` (step, data position, guidance schedule,
     ...) must be JSON-serialisable; ``load_checkpoint`` returns it. ``optimizer_format`` is the
     DistributedOptimizer's layout on disk: ``dp_reshardable`` (resume on the same TP/PP, any DP) or
     ``fully_reshardable`` (resume on any layout; gathers the optimizer state over DP while saving).
-    Keeps the ``keep_last`` newest step directories. Returns the new step directory.
+    Keeps the ``keep_last`` newest step directories. Returns the new step directory, or None when a
+    parameter or optimizer-state tensor is non-finite on any rank: nothing is written or pruned then.
     """
     _check_save_arguments(step, keep_last, optimizer_format, loop_state)
+    if not _student_finite_everywhere(student):
+        logger.error(
+            "step %d: the student's parameters or optimizer state hold NaN or inf on some rank; this "
+            "checkpoint is not saved and no older checkpoint is removed", step
+        )  # fmt: skip
+        return None
     final_dir = Path(root) / step_dir_name(step)
     metadata = _train_metadata(step, student, loop_state, optimizer_format)
 
@@ -674,7 +791,7 @@ def save_checkpoint(
         from megatron.core import dist_checkpointing
 
         state = _student_state_dict(student, optimizer_format, is_loading=False)
-        dist_checkpointing.save(state, str(directory))
+        dist_checkpointing.save(state, str(directory), sharded_strategy=signal_safe_save_strategy())
         _save_rng_state(directory)
 
     tmp_dir, nonce = _write_in_tmp_dir(final_dir, _TMP_PREFIX, True, write, metadata)
@@ -714,7 +831,9 @@ def save_model_weights(path: str | os.PathLike, model: torch.nn.Module, model_co
         from megatron.core import dist_checkpointing
 
         dist_checkpointing.save(
-            {"model": module.sharded_state_dict(metadata=_model_metadata(module))}, str(directory)
+            {"model": module.sharded_state_dict(metadata=_model_metadata(module))},
+            str(directory),
+            sharded_strategy=signal_safe_save_strategy(),
         )
 
     leftover_prefix = f"{_TMP_PREFIX}{final_dir.name}-"
@@ -729,18 +848,96 @@ def save_model_weights(path: str | os.PathLike, model: torch.nn.Module, model_co
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _find_resumable(root: Path) -> tuple[Path, dict[str, Any]] | None:
-    """Rank 0: the directory ``latest`` names and its metadata, or None for a fresh start."""
-    directory = _resolve_latest(root)
-    if directory is None:
-        return None
+def _train_metadata_of(directory: Path) -> dict[str, Any]:
     metadata = _read_metadata(directory)
     if metadata.get("kind") != "train":
         raise CheckpointError(
             f"{directory} holds model weights only, not a training state: resume from a directory written "
             "by save_checkpoint, or load these weights with load_model_weights"
         )
-    return directory, metadata
+    return metadata
+
+
+def _resume_candidates(root: Path, on_damaged: str) -> list[tuple[Path, dict | None, str | None]] | None:
+    """Rank 0: the directories a resume may start from, newest first, each with its metadata or the reason
+    it cannot be read; None for a fresh start. With ``on_damaged="fail"`` only the one ``latest`` names;
+    otherwise the first is that one only when ``latest`` names a complete directory."""
+    try:
+        latest = _resolve_latest(root)
+    except CheckpointError as exc:
+        if on_damaged == "fail":
+            raise
+        logger.warning("%s; looking for the newest intact checkpoint (checkpoint.on_damaged=previous)", exc)
+        latest, newest = None, None
+    else:
+        if latest is None:
+            return None
+        newest = int(_STEP_DIR.match(latest.name).group(1))
+    directories = [latest] if latest is not None else []
+    if on_damaged == "previous":
+        earlier = [
+            p for step, p in sorted(_step_dirs(root).items(), reverse=True) if newest is None or step < newest
+        ]
+        directories += [p for p in earlier if not _missing_files(p)]
+    candidates = []
+    for directory in directories:
+        try:
+            candidates.append((directory, _train_metadata_of(directory), None))
+        except CheckpointError as exc:
+            if on_damaged == "fail":
+                raise
+            candidates.append((directory, None, str(exc)))
+    return candidates
+
+
+def _latest_name(root: Path) -> str:
+    """What ``root/latest`` holds, undecodable bytes replaced ("" without a marker)."""
+    marker = root / LATEST
+    return marker.read_bytes().decode("utf-8", errors="replace").strip() if marker.is_file() else ""
+
+
+def _move_aside(root: Path, damaged: list[Path], chosen: Path) -> None:
+    """Rank 0, after falling back: keep the damaged directories out of the way (renamed, never deleted)
+    and point ``latest`` at the one resumed, so later saves of those steps are not refused."""
+    nonce = secrets.token_hex(4)
+    for directory in damaged:
+        target = root / f"{_DAMAGED_PREFIX}{directory.name}-{nonce}"
+        directory.rename(target)
+        logger.warning("moved the damaged checkpoint %s to %s", directory, target)
+    _point_latest(root, chosen.name, nonce)
+
+
+def _find_intact(root: Path, on_damaged: str) -> tuple[Path, dict[str, Any]] | None:
+    """Collective: the newest checkpoint to resume from whose files match their manifest, or None for a
+    fresh start. A damaged one raises (``fail``) or is skipped with a warning (``previous``)."""
+    if on_damaged not in ON_DAMAGED:
+        raise CheckpointError(f"on_damaged must be one of {ON_DAMAGED}; got {on_damaged!r}")
+    candidates = _on_rank0(_resume_candidates, root, on_damaged)
+    if candidates is None:
+        return None
+    named_by_latest = _on_rank0(_latest_name, root)
+    damaged: list[Path] = []
+    for directory, metadata, unreadable in candidates:
+        problems = [unreadable] if unreadable else _damage(directory, metadata)
+        if not problems:
+            if damaged or directory.name != named_by_latest:
+                _on_rank0(_move_aside, root, damaged, directory)
+            return directory, metadata
+        if on_damaged == "fail":
+            raise CheckpointError(
+                f"checkpoint {directory} (step {metadata['step']}) is damaged: {_damage_summary(problems)}. "
+                "Restore those files, or set checkpoint.on_damaged=previous to resume from the newest intact "
+                "earlier step"
+            )
+        if _is_rank0():
+            logger.warning(
+                "checkpoint %s is damaged (%s); trying an earlier step", directory, _damage_summary(problems)
+            )
+        damaged.append(directory)
+    raise CheckpointError(
+        f"no intact checkpoint in {root}: damaged {[p.name for p in damaged]}. Restore the damaged files, or "
+        "start from scratch in another checkpoint.save_dir"
+    )
 
 
 def _load_scheduler(scheduler: Any, saved: dict[str, Any], directory: Path) -> None:
@@ -753,7 +950,7 @@ def _load_scheduler(scheduler: Any, saved: dict[str, Any], directory: Path) -> N
         ) from None
 
 
-def load_checkpoint(root: str | os.PathLike, student: Any) -> dict[str, Any] | None:
+def load_checkpoint(root: str | os.PathLike, student: Any, on_damaged: str = "fail") -> dict[str, Any] | None:
     """Resume ``student`` from ``root/latest``; returns the saved loop state, or None without a checkpoint.
 
     Collective. The student may run on any TP/PP/DP layout (a ``dp_reshardable`` optimizer state needs
@@ -762,8 +959,12 @@ def load_checkpoint(root: str | os.PathLike, student: Any) -> dict[str, Any] | N
     incomplete directory is refused (``CheckpointError``) before anything is loaded. Call it on a freshly
     built student (the scheduler counts the restored steps from its own start). The loop state comes back
     as JSON returns it (tuples become lists).
+
+    Every file is checked against the manifest recorded at save (size, then hash) before anything is read:
+    a damaged checkpoint raises ``CheckpointError`` naming the files and the step, or, with
+    ``on_damaged="previous"``, the newest intact earlier step is resumed instead (``ON_DAMAGED``).
     """
-    found = _on_rank0(_find_resumable, Path(root))
+    found = _find_intact(Path(root), on_damaged)
     if found is None:
         return None
     directory, metadata = found
@@ -827,6 +1028,12 @@ def load_model_weights(
     differing fields; without it, by the tensors' names and shapes. Either check runs before any load.
     """
     directory, metadata = _on_rank0(_find_weights, Path(path))
+    problems = _damage(directory, metadata)
+    if problems:
+        raise CheckpointError(
+            f"model checkpoint {directory} is damaged: {_damage_summary(problems)}. Restore those files or "
+            "convert the model again (tools/convert.py import)"
+        )
     if model_config is not None:
         _check_model_config(metadata["model_config"], model_config, directory)
     module = _unwrap(model)

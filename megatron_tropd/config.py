@@ -13,28 +13,13 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+# Loss methods selectable by ``MethodConfig.name`` (``METHOD_NAMES``) and what each needs: the torch-free
+# table ``methods.METHOD_SPECS``, whose loss functions ``losses.LOSS_FUNCTIONS`` binds.
+from megatron_tropd.methods import METHOD_NAMES, method_spec
 from megatron_tropd.model_config import ModelConfig, tiny
-
-# Loss methods selectable by ``MethodConfig.name``; ``losses.METHOD_REGISTRY`` implements exactly these.
-# "reopold" is an alias of "clip_outlier": the paper's REOPOLD rows reproduce Clip Outlier exactly.
-METHOD_NAMES = (
-    "opd",
-    "fkl",
-    "jsd",
-    "entropy_opd",
-    "clip_outlier",
-    "reopold",
-    "mask_outlier",
-    "reopold_2stage",
-    "eopd",
-    "aopd",
-    "tropd",
-    "tropd_mask",
-    "tropd_clip",
-    "tropd_aopd",
-)
 
 # Top-k forward-KL families; must equal ``megatron_tropd.ops.FKL_FAMILIES`` (a test checks it). Repeated
 # here so that config stays import-free and can be validated before torch is even touched.
@@ -86,7 +71,7 @@ class MethodConfig:
     """The distillation loss and its hyper-parameters (defaults: ``docs/method.md``)."""
 
     name: str = "tropd"
-    """Loss method, one of ``METHOD_NAMES``; "reopold" is an alias of "clip_outlier"."""
+    """Loss method, one of ``METHOD_NAMES`` (``methods.METHOD_SPECS``); "reopold" aliases "clip_outlier"."""
 
     topk: int = 64
     """Teacher top-k size k for every top-k forward-KL term (k = 64 in the paper)."""
@@ -113,7 +98,7 @@ class MethodConfig:
     """REOPOLD-2stage, second stage: fraction of student tokens kept by highest student entropy."""
 
     reopold_switch_fraction: float = 0.5
-    """REOPOLD-2stage switches from reward masking to entropy masking at round(fraction * total_steps)."""
+    """REOPOLD-2stage switches from reward to entropy masking at step ceil(fraction * total_steps)."""
 
     eopd_entropy_threshold: float = 0.8
     """EOPD: the top-k forward KL is added where the teacher's entropy exceeds this (nats)."""
@@ -139,8 +124,13 @@ class MethodConfig:
         return math.log(self.outlier_lambda / (1.0 - self.outlier_lambda))
 
     def reopold_switch_step(self, total_steps: int) -> int:
-        """First training step of REOPOLD-2stage's entropy (refinement) stage."""
-        return round(self.reopold_switch_fraction * total_steps)
+        """First training step (0-based) of REOPOLD-2stage's entropy (refinement) stage.
+
+        ``ceil(fraction * total_steps)``: the reward-masking stage gets the larger half of an odd run
+        (fraction 0.5 of 5 steps: steps 0-2, then 3-4), and any fraction > 0 keeps at least one step of
+        it. The product is rounded to 9 digits first so that e.g. 0.7 * 10 = 7.000000000000001 gives 7.
+        """
+        return math.ceil(round(self.reopold_switch_fraction * total_steps, 9))
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field and what it accepts."""
@@ -301,8 +291,10 @@ class RolloutConfig:
     top_k: int = 0
     """Top-k sampling (0 = off)."""
 
-    guidance: bool = True
-    """Off-policy guidance: part of the rollouts continue a teacher-written prefix."""
+    guidance: bool | None = None
+    """Off-policy guidance: part of the rollouts continue a teacher-written prefix, whose tokens get the
+    beta-NLL term. None (default): the method's own default, on for the TrOPD family only
+    (``methods.METHOD_SPECS``); true / false force it (an ablation). ``RunConfig.resolved()`` fills it in."""
 
     guided_fraction: float = 0.5
     """Share of each prompt's rollouts that get a teacher prefix."""
@@ -332,6 +324,10 @@ class RolloutConfig:
         _check_range("rollout.top_p", self.top_p, 0.0, 1.0, "(]", "nucleus mass")
         _check_int("rollout.top_k", self.top_k, 0, "0 disables top-k sampling")
         _check_range("rollout.guided_fraction", self.guided_fraction, 0.0, 1.0, "[]", "share of rollouts")
+        if not (self.guidance is None or isinstance(self.guidance, bool)):
+            raise ValueError(
+                f"rollout.guidance must be true, false or none (the method's default); got {self.guidance!r}"
+            )
         _check_choice("rollout.guidance_schedule", self.guidance_schedule, GUIDANCE_SCHEDULES)
         _check_choice("rollout.decoder", self.decoder, DECODERS)
 
@@ -353,6 +349,10 @@ class DataConfig:
     chat_template: str = "auto"
     """"auto" (the tokenizer's own), "none" (raw prompt text), or a Jinja template string."""
 
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra chat-template variables for every rendered prompt (training, teacher scoring, evaluation),
+    e.g. ``{"enable_thinking": false}`` for Qwen3; as JSON on the command line."""
+
     on_overlong_prompt: str = "skip"
     """"skip" (drop and count) or "fail" for prompts longer than ``rollout.max_prompt_length``."""
 
@@ -360,8 +360,28 @@ class DataConfig:
     """Seed of the deterministic epoch shuffles."""
 
     def validate(self) -> None:
+        from megatron_tropd.data import check_template_kwargs  # torch-free, like this module
+
         _check_choice("data.on_overlong_prompt", self.on_overlong_prompt, OVERLONG_PROMPT_POLICIES)
         _check_int("data.shuffle_seed", self.shuffle_seed, 0, "seed")
+        check_template_kwargs(self.chat_template_kwargs)
+
+
+RESUME_MODES = ("auto", "required", "never")
+ON_DAMAGED = ("fail", "previous")
+"""What a resume does with a damaged checkpoint (``checkpoint.on_damaged``, ``load_checkpoint``)."""
+_RESUME_ALIASES = {True: "auto", False: "never"} | {
+    word: mode
+    for words, mode in ((("true", "yes", "on"), "auto"), (("false", "no", "off"), "never"))
+    for word in words
+}
+
+
+def _resume_mode(value: object) -> object:
+    """``checkpoint.resume`` with its boolean spellings mapped to modes; anything else is left for
+    ``validate`` to name."""
+    key = value.lower() if isinstance(value, str) else value
+    return _RESUME_ALIASES.get(key, value) if isinstance(key, (bool, str)) else value
 
 
 @dataclass
@@ -383,12 +403,24 @@ class CheckpointConfig:
     teacher: str = ""
     """Megatron checkpoint of the teacher, loaded read-only; empty = random init (tests only)."""
 
-    resume: bool = True
-    """Continue from ``save_dir/latest`` when it exists."""
+    resume: str = "auto"
+    """``auto``: continue from ``save_dir/checkpoints/latest`` when it exists, else start from scratch;
+    ``required``: refuse to start without a checkpoint to resume (a mistyped ``save_dir`` is an error, not
+    a fresh run); ``never``: always start from scratch. ``true`` / ``false`` mean ``auto`` / ``never``."""
+
+    on_damaged: str = "fail"
+    """A checkpoint whose files no longer match the sizes and hashes recorded at save: ``fail`` (stop,
+    naming the files) or ``previous`` (resume the newest intact earlier step, with a warning; the damaged
+    directory is moved aside as ``damaged-step-...``, never deleted)."""
+
+    def __post_init__(self) -> None:
+        self.resume = _resume_mode(self.resume)
 
     def validate(self) -> None:
         _check_int("checkpoint.save_interval", self.save_interval, 1, "steps between saves")
         _check_int("checkpoint.keep_last", self.keep_last, 1, "checkpoints kept")
+        _check_choice("checkpoint.resume", self.resume, RESUME_MODES)
+        _check_choice("checkpoint.on_damaged", self.on_damaged, ON_DAMAGED)
 
 
 @dataclass
@@ -452,6 +484,17 @@ class LoggingConfig:
 
 
 @dataclass
+class TrainConfig:
+    """How the update loop reacts to non-finite steps."""
+
+    max_nonfinite_steps: int = 3
+    """Stop the run after this many consecutive updates skipped for a non-finite loss or gradient."""
+
+    def validate(self) -> None:
+        _check_int("train.max_nonfinite_steps", self.max_nonfinite_steps, 1, "consecutive skipped updates")
+
+
+@dataclass
 class RunConfig:
     """One distillation run: built by a recipe, overridden from the command line, validated up front."""
 
@@ -472,6 +515,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     train_steps: int = 200
     """Training steps (one rollout batch each)."""
@@ -479,28 +523,66 @@ class RunConfig:
     seed: int = 1234
     """Seed of model initialisation and process RNGs."""
 
+    @property
+    def guidance_enabled(self) -> bool:
+        """The effective ``rollout.guidance``: as set, or the method's default when it is None."""
+        if self.rollout.guidance is not None:
+            return self.rollout.guidance
+        _check_choice("method.name", self.method.name, METHOD_NAMES)  # the error names the field
+        return method_spec(self.method.name).guidance
+
+    def resolved(self) -> RunConfig:
+        """A copy with every method-dependent default made explicit (``rollout.guidance`` a bool), so
+        ``--print-config``, the saved ``config.json`` and everything downstream see the effective values."""
+        _check_choice("method.name", self.method.name, METHOD_NAMES)  # the defaults below depend on it
+        return replace(self, rollout=replace(self.rollout, guidance=self.guidance_enabled))
+
     def validate(self, world_size: int | None = None) -> None:
         """Check every section and how they fit together (and the job size, when given)."""
         for section in (self.method, self.optim, self.parallel, self.rollout, self.data):
             section.validate()
-        for section in (self.checkpoint, self.eval, self.logging):
+        for section in (self.checkpoint, self.eval, self.logging, self.train):
             section.validate()
         _check_int("train_steps", self.train_steps, 1, "training steps")
         self.student.validate()
         self.teacher.validate()
         self._check_vocabularies()
         self.student.validate_parallel(
-            self.parallel.student_tensor_parallel, self.parallel.student_pipeline_parallel
-        )
+            self.parallel.student_tensor_parallel, self.parallel.student_pipeline_parallel,
+            model="student", key_prefix="parallel.student_",
+        )  # fmt: skip
         self.teacher.validate_parallel(
-            self.parallel.teacher_tensor_parallel, self.parallel.teacher_pipeline_parallel
-        )
+            self.parallel.teacher_tensor_parallel, self.parallel.teacher_pipeline_parallel,
+            model="teacher", key_prefix="parallel.teacher_",
+        )  # fmt: skip
         if self.method.topk > self.student.vocab_size:
             raise ValueError(
                 f"method.topk = {self.method.topk} exceeds the vocabulary ({self.student.vocab_size})"
             )
         if world_size is not None:
             self._check_batch_split(world_size)
+        self._check_context()
+
+    def _check_context(self) -> None:
+        """A prompt of ``max_prompt_length`` plus ``max_new_tokens`` generated tokens is generated and
+        scored by both models, so it must fit each model's positions; in-loop evaluation needs at least
+        one prompt position beside its generation budget (each prompt is checked when loaded)."""
+        r = self.rollout
+        needed = r.max_prompt_length + r.max_new_tokens
+        for who, model in (("student", self.student), ("teacher", self.teacher)):
+            if needed > model.max_position_embeddings:
+                raise ValueError(
+                    f"rollout.max_prompt_length + rollout.max_new_tokens = {r.max_prompt_length} + "
+                    f"{r.max_new_tokens} = {needed} positions exceed {who}.max_position_embeddings = "
+                    f"{model.max_position_embeddings} (the {who}'s context): lower rollout.max_new_tokens or "
+                    f"rollout.max_prompt_length so that they sum to at most {model.max_position_embeddings}"
+                )
+        context = self.student.max_position_embeddings
+        if self.eval.interval and self.eval.max_new_tokens >= context:
+            raise ValueError(
+                f"eval.max_new_tokens = {self.eval.max_new_tokens} leaves no position for a prompt in the "
+                f"student's context of {context} (student.max_position_embeddings): lower eval.max_new_tokens"
+            )
 
     def _check_vocabularies(self) -> None:
         """Padded sizes may differ (151,936 vs 152,064); the true vocabularies must not."""

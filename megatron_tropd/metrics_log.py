@@ -4,12 +4,19 @@ Every record goes to ``run_dir/metrics.jsonl``, to TensorBoard (``logging.tensor
 and to Weights & Biases (``logging.wandb_project``); the console gets a progress bar when stdout is a
 terminal, else a log line every ``logging.log_interval`` steps. Evaluation scores are keys ``eval/<name>``
 of any record, or records of their own (``write_eval``); they are plotted like every other number.
+
+``metrics.jsonl`` is strict JSON, one object a line: a NaN or infinite value (the mean of a metric that
+saw no token, the grad norm of a skipped non-finite update) is written as ``null``. A run resumed at
+step ``s`` first drops the rows it will write again (training rows of step ``s`` on, evaluation rows
+after ``s``), so every step appears once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import secrets
 import sys
 from dataclasses import asdict
@@ -55,6 +62,36 @@ def _eval_items(record: dict) -> dict:
 def _is_training_record(record: dict) -> bool:
     """A record of a training step (not only evaluation scores): it advances the progress bar."""
     return any(name != "step" and not name.startswith(EVAL_PREFIX) for name in record)
+
+
+def strict_json_line(record: dict) -> str:
+    """``record`` as one line of strict JSON, NaN and infinities written as ``null``."""
+    finite = {
+        name: None if isinstance(value, float) and not math.isfinite(value) else value
+        for name, value in record.items()
+    }
+    return json.dumps(finite, allow_nan=False)
+
+
+def _rerun_by_resume(record: dict, start_step: int) -> bool:
+    """A row a run resumed at ``start_step`` writes again: a training row of a step from
+    ``start_step`` on, or an evaluation row after it (an evaluation at ``start_step`` ran before the save)."""
+    step = record.get("step", -1)
+    return step >= start_step if _is_training_record(record) else step > start_step
+
+
+def drop_rerun_rows(path: Path, start_step: int) -> None:
+    """Rewrite ``path`` without the rows a resume at ``start_step`` writes again (temp file, then
+    ``os.replace``, so a crash leaves the old file or the new one)."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and not _rerun_by_resume(json.loads(line), start_step)]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _format(values: dict, keys) -> str:
@@ -117,6 +154,8 @@ class MetricsLog:
         if not active:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if start_step > 0:
+            drop_rerun_rows(self.run_dir / "metrics.jsonl", start_step)
         self.jsonl = (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8")
         if logging_config.tensorboard:
             self.writer = _tensorboard_writer(self.run_dir)
@@ -152,7 +191,7 @@ class MetricsLog:
         """One record (``record["step"]`` required) to every sink."""
         if not self.active:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(strict_json_line(record) + "\n")
         self.jsonl.flush()
         numbers = numeric_items(record)
         if self.writer is not None:

@@ -2,7 +2,8 @@
 
 ``apply_overrides`` returns a new config (``dataclasses.replace`` all the way down, nothing mutated), parsing
 each value by the type its field declares, so ``optim.lr=1e-5`` is a float and ``rollout.guidance=false`` a
-bool. Unknown keys and values of the wrong type fail here, naming the key; ranges and cross-field rules are
+bool; lists, tuples and dicts come as JSON (``data.chat_template_kwargs='{"enable_thinking": false}'``).
+Unknown keys and values of the wrong type fail here, naming the key; ranges and cross-field rules are
 left to ``RunConfig.validate``, which the caller runs next. Torch-free: it runs before any process starts.
 
 Recipes write machine-specific paths as ``${TROPD_RUN_DIR}/...``; ``resolve_placeholders`` expands them from
@@ -96,6 +97,8 @@ def _parse(text: str, field_type: Any) -> Any:
         raise TypeError("this is a section: set its fields one by one, as key.field=value")
     if origin in (list, tuple) or field_type in (list, tuple):
         return _parse_sequence(text, field_type)
+    if origin is dict or field_type is dict:
+        return _parse_mapping(text, field_type)
     return _parse_scalar(text, field_type)
 
 
@@ -132,6 +135,18 @@ def _parse_sequence(text: str, field_type: Any) -> Any:
         _check_element(item, element_type) for item, element_type in zip(items, element_types, strict=True)
     ]
     return tuple(parsed) if origin is tuple else parsed
+
+
+def _parse_mapping(text: str, field_type: Any) -> dict:
+    """Dicts come as JSON objects (``'{"enable_thinking": false}'``); keys and values are type-checked."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f'give a JSON object such as {{"key": true}}: {error.msg}') from None
+    if not isinstance(items, dict):
+        raise ValueError('give a JSON object such as {"key": true}')
+    key_type, value_type = typing.get_args(field_type) or (Any, Any)
+    return {_check_element(key, key_type): _check_element(value, value_type) for key, value in items.items()}
 
 
 def _check_element(item: Any, element_type: Any) -> Any:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_tropd.platform import shutdown_distributed
+from megatron_tropd.signals import set_parent_death_signal
 
 
 def free_port() -> int:
@@ -30,6 +31,7 @@ def free_port() -> int:
 def _worker(
     rank: int, world_size: int, port: int, result_dir: str, fn: Callable, args: tuple, backend: str
 ) -> None:
+    set_parent_death_signal()  # a killed test run takes its ranks down instead of leaving them waiting
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
     os.environ.update(WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))

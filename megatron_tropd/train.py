@@ -3,11 +3,17 @@
 Order matters: the recipe is built, the overrides applied, the ``${VAR}`` paths resolved from the
 environment and the whole config validated against the job's ``WORLD_SIZE`` *before* torch is imported or
 any process group starts, so a typo or a layout that does not fit the job fails in a second, on every rank,
-with a message that names the fix (exit status 2). Only then is ``megatron_tropd.trainer.run`` imported.
+with a message that names the fix (exit status 2). Then ``megatron_tropd.preflight`` reads the input files
+(prompts, tokenizer, evaluation benchmarks) and refuses a bad one the same way, still before any process
+group exists; each error is printed once, by rank 0. Only then is ``megatron_tropd.trainer.run`` imported.
 
-Signals (the contract ``slurm/tropd_8node.sh`` relies on): the trainer handles SIGUSR1 by saving a
-checkpoint at the end of the current step and exiting with status 0; a requeued job resumes from the latest
-checkpoint because ``checkpoint.resume`` is true by default.
+Signals (the contract ``slurm/tropd_8node.sh`` relies on, see ``megatron_tropd.signals``): SIGUSR1 and
+SIGTERM are handled from the first line of ``main``, before torch loads. The trainer saves a checkpoint at
+the end of the current step (a signal during set-up waits for the end of the first step) and every rank
+exits with status 75 (``REQUEUE_EXIT_CODE``; 0 when that step was the last one). A requeued job resumes
+from the latest checkpoint because ``checkpoint.resume`` is ``auto`` by default. Each rank dies with its
+launcher (parent-death signal), and rank 0 holds ``<checkpoint.save_dir>/run.lock`` for the whole run: a
+second live job on the same checkpoint root is refused with exit status 2 (``megatron_tropd.run_lock``).
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+from megatron_tropd import run_lock
 from megatron_tropd.config import RunConfig
 from megatron_tropd.overrides import apply_overrides, resolve_placeholders
+from megatron_tropd.preflight import preflight_status, report_error
+from megatron_tropd.signals import StopSignals, set_parent_death_signal
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +45,7 @@ def build_config(
     from recipes import get_recipe  # the recipes sit above the library in the dependency order
 
     config = apply_overrides(get_recipe(recipe), overrides)
-    config = resolve_placeholders(config, environ, strict=strict_paths)
+    config = resolve_placeholders(config, environ, strict=strict_paths).resolved()
     config.validate(world_size=_world_size(environ))
     return config
 
@@ -51,12 +60,38 @@ def _world_size(environ: Mapping[str, str]) -> int | None:
     return int(text)
 
 
-def launch(recipe: str, overrides: Sequence[str] = ()) -> None:
-    """Build and validate the run, then train; the function nemo-run's ``run.Partial`` wraps."""
-    config = build_config(recipe, list(overrides), os.environ)
+def _start_rank(environ: Mapping[str, str] = os.environ) -> None:
+    """First thing on a launched rank (``LOCAL_RANK`` set by torchrun or the Slurm script): die with the
+    launcher, and defer stop signals to the training loop. In-process callers keep their own handlers."""
+    if "LOCAL_RANK" in environ:
+        set_parent_death_signal()
+        StopSignals.install()
+
+
+def _train(config: RunConfig) -> int:
+    """Train; the exit status of the signal contract (0, or 75 to be requeued)."""
     from megatron_tropd import trainer  # torch and Megatron load only once the config is known to be good
 
-    trainer.run(config)
+    trainer.run(config)  # rank 0 takes the run lock before any process group starts
+    return StopSignals.install().exit_status()
+
+
+def launch(recipe: str, overrides: Sequence[str] = ()) -> None:
+    """Build and validate the run, then train; the function nemo-run's ``run.Partial`` wraps.
+
+    Exits (``SystemExit``) with status 75 when the run stopped on a signal, 2 when the run lock is held.
+    """
+    _start_rank()
+    config = build_config(recipe, list(overrides), os.environ)
+    if preflight_status(config):  # input files, before any process group; rank 0 printed the problem
+        raise SystemExit(2)
+    try:
+        status = _train(config)
+    except run_lock.RunLockError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if status:
+        raise SystemExit(status)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,7 +111,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for a config error, before anything starts)."""
+    """Entry point; returns the exit status (2 for a config error or a held run lock, before anything
+    starts, and for a checkpoint refused at resume; 75 when the run stopped on a signal after saving)."""
+    _start_rank()
     args = _parser().parse_args(argv)
     if args.list:
         from recipes import RECIPES, WORLD_SIZES
@@ -90,15 +127,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = build_config(args.recipe, args.overrides, os.environ, strict_paths=not args.print_config)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        report_error(error)  # rank 0 only: one message per job
         return 2
     if args.print_config:
         print(json.dumps(dataclasses.asdict(config), indent=2))
         return 0
-    from megatron_tropd import trainer
+    if preflight_status(config):  # input files, before any process group; rank 0 printed the problem
+        return 2
+    try:
+        return _train(config)
+    except run_lock.RunLockError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # a checkpoint refused at resume is bad input too; anything else is a bug
+        if not _is_checkpoint_error(error):
+            raise
+        report_error(error)  # every rank raised the same error (decided once, shared); rank 0 reports
+        return 2
 
-    trainer.run(config)
-    return 0
+
+def _is_checkpoint_error(error: Exception) -> bool:
+    """``checkpoint.CheckpointError``, checked without importing torch when it was never loaded."""
+    module = sys.modules.get("megatron_tropd.checkpoint")
+    return module is not None and isinstance(error, module.CheckpointError)
 
 
 if __name__ == "__main__":

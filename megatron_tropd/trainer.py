@@ -3,16 +3,16 @@
 (every ``eval.interval`` steps, before the first and after the last: avg@k on held-out benchmarks).
 
 ``run(config)`` is the job's entry point on every rank (torchrun, srun or a nemo-run launcher). Every
-method of ``method.md`` runs through the same loop; only ``config.method`` changes. On SIGUSR1 (Slurm's
-pre-emption / time-limit warning) the loop finishes the current step, saves a checkpoint and returns,
-so a requeued job resumes from it.
+method of ``method.md`` runs through the same loop; only ``config.method`` changes. On SIGUSR1 or SIGTERM
+(Slurm's pre-emption / time-limit warning, scancel, requeue) the loop finishes the current step, saves a
+checkpoint and returns; ``python -m megatron_tropd.train`` then exits with ``signals.REQUEUE_EXIT_CODE``
+and a requeued job resumes from that checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from megatron_tropd import run_lock
 from megatron_tropd.batch import RolloutBatch
-from megatron_tropd.config import RunConfig
-from megatron_tropd.data import Prompt, PromptSampler, Tokenizer, load_prompts
+from megatron_tropd.config import CheckpointConfig, RunConfig
+from megatron_tropd.data import Prompt, PromptSampler, Tokenizer, load_run_prompts, run_tokenizer
 from megatron_tropd.guidance import draw_prefix_lengths, guided_samples_per_prompt, max_prefix_length
 from megatron_tropd.metrics_log import MetricsLog
 from megatron_tropd.platform import default_device
@@ -33,6 +34,7 @@ from megatron_tropd.rollout.engine import (
     to_rollout_batch,
 )
 from megatron_tropd.rollout.text import generate_data_parallel
+from megatron_tropd.signals import StopSignals
 
 if TYPE_CHECKING:  # the evaluation modules load only when eval.interval > 0
     from megatron_tropd.eval.scoring import Generate
@@ -54,6 +56,33 @@ class Job:
     eos_token_id: int | None
     run_dir: Path
     evaluation: InTrainingEval | None = None
+    nonfinite_streak: int = 0  # consecutive updates skipped for a non-finite loss or gradient
+    nonfinite_total: int = 0  # skipped updates since this process started
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """``train.max_nonfinite_steps`` consecutive updates had a non-finite loss or gradient."""
+
+
+def _count_nonfinite(job: Job, step: int, skipped: bool, batch) -> None:
+    """Count a skipped update; at ``train.max_nonfinite_steps`` in a row, write the batch (every rank's
+    token ids and sample ids, gathered on rank 0) to ``run_dir/nonfinite-step-<step>.pt`` and stop."""
+    job.nonfinite_streak = job.nonfinite_streak + 1 if skipped else 0
+    job.nonfinite_total += int(skipped)
+    limit = job.config.train.max_nonfinite_steps
+    if job.nonfinite_streak < limit:
+        return
+    rows = {"tokens": batch.tokens.cpu(), "sample_ids": batch.sample_ids.cpu()}
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(rows, gathered, dst=0)
+    path = job.run_dir / f"nonfinite-step-{step}.pt"
+    if dist.get_rank() == 0:
+        torch.save({"step": step, "ranks": gathered}, path)
+    raise NonFiniteTrainingError(
+        f"step {step}: {limit} consecutive updates had a non-finite loss or gradient and were skipped "
+        f"(train.max_nonfinite_steps = {limit}); the last batch is in {path}. Lower optim.lr, set "
+        "optim.clip_grad > 0 or raise optim.adam_eps, then resume from the last checkpoint"
+    )
 
 
 @dataclass
@@ -117,12 +146,13 @@ def _in_training_eval(config: RunConfig, topology, student, tokenizer: Tokenizer
         raise ValueError("eval.interval > 0 needs data.tokenizer: benchmarks are text")
     benchmarks = load_checked_benchmarks(
         e.benchmarks, e.names, e.max_prompts, tokenizer, chat_template=config.data.chat_template,
-        raw_prompts=e.raw_prompts, max_new_tokens=e.max_new_tokens,
-        context_length=config.student.max_position_embeddings,
+        chat_template_kwargs=config.data.chat_template_kwargs, raw_prompts=e.raw_prompts,
+        max_new_tokens=e.max_new_tokens, context_length=config.student.max_position_embeddings,
     )  # fmt: skip
     generate = build_generate(
         student.module, topology.student, tokenizer, config.student, max_new_tokens=e.max_new_tokens,
-        chat_template=config.data.chat_template, seed=config.seed,
+        chat_template=config.data.chat_template, chat_template_kwargs=config.data.chat_template_kwargs,
+        seed=config.seed,
         max_batch_size=_rows_per_replica(config, topology), decoder=config.rollout.decoder,
     )  # fmt: skip
     return InTrainingEval(benchmarks, generate)
@@ -149,9 +179,20 @@ def _evaluation_due(job: Job, done: int) -> bool:
     return done % job.config.eval.interval == 0 or done == job.config.train_steps
 
 
+def _resume(checkpoint: CheckpointConfig, root: Path, student) -> dict:
+    """The loop state to start from: the checkpoint's (``checkpoint.resume`` auto, required) or fresh."""
+    from megatron_tropd.checkpoint import CheckpointError, load_checkpoint
+
+    loop_state = None
+    if checkpoint.resume != "never":
+        loop_state = load_checkpoint(root, student, on_damaged=checkpoint.on_damaged)
+    if loop_state is None and checkpoint.resume == "required":  # pre-flight checks this; a race may not
+        raise CheckpointError(f"checkpoint.resume=required but {root} holds no checkpoint to resume from")
+    return loop_state or {"step": 0, "data_position": 0}
+
+
 def setup(config: RunConfig) -> tuple[Job, dict]:
     """Start the process group, build both models and the data, and resume when a checkpoint exists."""
-    from megatron_tropd.checkpoint import load_checkpoint
     from megatron_tropd.platform import enable_cpu_mode, init_distributed, set_seed
 
     info = init_distributed()
@@ -159,14 +200,10 @@ def setup(config: RunConfig) -> tuple[Job, dict]:
     enable_cpu_mode()
     set_seed(config.seed)
     topology, student, teacher = _build_models(config)
-    tokenizer = Tokenizer(config.data.tokenizer) if config.data.tokenizer else None
-    prompts = load_prompts(
-        config.data.train_prompts, tokenizer, config.data.chat_template, config.rollout.max_prompt_length,
-        config.data.on_overlong_prompt,
-    )  # fmt: skip
+    tokenizer = run_tokenizer(config)
+    prompts = load_run_prompts(config, tokenizer)  # the same prompts feed rollouts and teacher scoring
     run_dir = Path(config.checkpoint.save_dir)
-    loop_state = load_checkpoint(run_dir / "checkpoints", student) if config.checkpoint.resume else None
-    loop_state = loop_state or {"step": 0, "data_position": 0}
+    loop_state = _resume(config.checkpoint, run_dir / "checkpoints", student)
     sampler = PromptSampler(prompts, config.data.shuffle_seed, loop_state["data_position"])
     student_engine, teacher_engine = _engines(config, topology, student, teacher)
     eos = tokenizer.eos_token_id if tokenizer is not None else None
@@ -183,9 +220,12 @@ def _sampling(job: Job, temperature: float, max_new_tokens: int, seed: int) -> S
 
 
 def _requests(job: Job, step: int, prompts: list[Prompt]) -> list[GenerationRequest]:
-    """All rollouts of the step; the first ``guided`` samples of each prompt continue a teacher prefix."""
+    """All rollouts of the step; the first ``guided`` samples of each prompt continue a teacher prefix.
+
+    With guidance off (``RunConfig.guidance_enabled``: the method's default unless set) the teacher
+    generates nothing: every rollout is the student's own."""
     r = job.config.rollout
-    guided = guided_samples_per_prompt(r.samples_per_prompt, r.guided_fraction, r.guidance)
+    guided = guided_samples_per_prompt(r.samples_per_prompt, r.guided_fraction, job.config.guidance_enabled)
     base = step * r.rollouts_per_step
     plain = [
         GenerationRequest(p.token_ids, base + i * r.samples_per_prompt + j)
@@ -232,22 +272,31 @@ def rollout(job: Job, step: int) -> tuple[RolloutBatch, dict]:
 
 
 class StopRequest:
-    """Set by SIGUSR1 / SIGTERM (Slurm's warning before pre-emption or the time limit)."""
+    """SIGUSR1 / SIGTERM (Slurm's warning before pre-emption or the time limit, scancel, requeue).
+
+    The handlers are ``signals.StopSignals``, installed once per process: by ``python -m
+    megatron_tropd.train`` before torch loads, else here, before the models are built, so an early
+    signal is deferred to the end of the first step.
+    """
 
     def __init__(self):
-        self.requested = False
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(signum, self._handle)
+        self.signals = StopSignals.install()
 
-    def _handle(self, signum, frame):
-        logger.warning("signal %d: checkpointing at the end of this step, then exiting", signum)
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return self.signals.requested
 
-    def agreed(self) -> bool:
-        """True on every rank when any rank was signalled (all ranks must stop at the same step)."""
+    def agreed(self, last: bool = False) -> bool:
+        """True on every rank when any rank was signalled (all ranks must stop at the same step).
+
+        ``last``: this is the run's final step; stopping there is a normal end (exit 0, no requeue).
+        """
         flag = torch.tensor([int(self.requested)], device=default_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        stopping = bool(flag.item())
+        if stopping and not last:
+            self.signals.honoured = True  # the run stops early: exit with REQUEUE_EXIT_CODE
+        return stopping
 
 
 def train_one_step(job: Job, step: int) -> dict:
@@ -259,21 +308,22 @@ def train_one_step(job: Job, step: int) -> dict:
     started = time.perf_counter()
     batch, stats = rollout(job, step)
     generated = time.perf_counter()
-    spec = ScoringSpec(
-        config.student.vocab_size, config.method.topk, config.method.name == "eopd",
-        config.optim.micro_batch_size, config.method.trust_seed,
-    )  # fmt: skip
+    spec = ScoringSpec.for_method(config.student.vocab_size, config.method, config.optim.micro_batch_size)
     scored = score_batch(
         batch, job.student.model, job.topology.student, job.teacher, job.topology.teacher, spec, step
     )
-    context = batch_context(config.method, scored, step, config.train_steps, job.topology.student)
+    context = batch_context(
+        config.method, scored, step, config.train_steps, job.topology.student, config.guidance_enabled
+    )
     scored_at = time.perf_counter()
     for _ in range(config.optim.updates_per_batch):
         result = train_step(job.student, scored, config.method, context)
+        _count_nonfinite(job, step, result.nonfinite_skipped, batch)
     trained = time.perf_counter()
     tokens = int(batch.loss_mask.sum())
     return {
         "step": step, **result.metrics, "grad_norm": result.grad_norm, "lr": result.learning_rate, **stats,
+        "nonfinite_skipped": int(result.nonfinite_skipped), "nonfinite_skipped_total": job.nonfinite_total,
         "tokens_per_s/generate": tokens / (generated - started),
         "tokens_per_s/score": tokens / (scored_at - generated),
         "tokens_per_s/train": tokens / (trained - scored_at),
@@ -298,8 +348,10 @@ def run(config: RunConfig) -> list[dict]:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # per-parameter listings at INFO
+    stop = StopRequest()  # before the models exist: a signal during set-up waits for the first step
+    lock = run_lock.take(config.checkpoint.save_dir)  # rank 0: refuse a second live job on this root
     job, loop_state = setup(config)
-    stop, log, records = StopRequest(), MetricsLog.for_job(job, loop_state["step"]), []
+    log, records = MetricsLog.for_job(job, loop_state["step"]), []
     if log.active:
         (job.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
     try:
@@ -310,7 +362,7 @@ def run(config: RunConfig) -> list[dict]:
             log.write(record)
             if log.active:
                 records.append(record)
-            done, stopping = step + 1, stop.agreed()  # collective: every rank decides together
+            done, stopping = step + 1, stop.agreed(last=step + 1 == config.train_steps)  # collective
             if _evaluation_due(job, done):
                 log.write_eval(done, evaluate_student(job, done))
             if stopping or done % config.checkpoint.save_interval == 0 or done == config.train_steps:
@@ -320,4 +372,5 @@ def run(config: RunConfig) -> list[dict]:
     finally:
         log.close()
         shutdown_distributed()
+        run_lock.release(lock)
     return records

@@ -1,17 +1,28 @@
 """Launch a recipe with nemo-run: on Slurm (torchrun per node) or locally (torchrun on this machine).
 
     python recipes/launch.py --recipe deepseek_math_tropd --executor slurm --account A --partition P \
-        [--container-image IMG] [--mount /lustre:/lustre] [--dryrun] [key=value ...]
+        [--container-image IMG] [--mount /lustre:/lustre] [--dryrun | --detach] [key=value ...]
+    python recipes/launch.py --recipe tiny_cpu --executor slurm --account A --partition P --nodes 1 \
+        --gpus-per-node 0 --ntasks-per-node 2 --detach          # CPU ranks on a small cluster
     python recipes/launch.py --recipe tiny_cpu --executor local [--nproc 2] [key=value ...]
 
 The task is ``run.Partial(megatron_tropd.train.launch, recipe=..., overrides=[...])``: every rank rebuilds
 the config from its name and validates it before training, exactly like ``python -m megatron_tropd.train``.
-The recipe is also validated here, at its intended world size, before anything is submitted.
+The recipe is also validated here, at its intended world size, before anything is submitted. Ranks per
+node are ``--ntasks-per-node`` (default: one per GPU of ``--gpus-per-node``); ``--gpus-per-node 0`` asks
+Slurm for no GPU (gloo on CPU).
 
-Requeue: the executor asks Slurm for ``--requeue`` and nemo-run requeues a job that exits non-zero up to
-``retries`` times; the run resumes from its latest periodic checkpoint. Signals are not used on this path
-(torchrun's agent does not forward SIGUSR1 to its workers): for checkpoint-on-preemption, use
-``slurm/tropd_8node.sh``, whose ranks are the trainer processes themselves.
+nemo-run writes the job's files (sbatch script, serialized task, logs) under
+``<--job-dir>/experiments/<title>/<id>/`` and the job reads them from there, so ``--job-dir`` must be on
+storage the compute nodes see. ``--detach`` returns once the job is submitted; without it the launcher
+follows the job through ``sacct`` (which needs Slurm accounting).
+
+Requeue: the executor asks Slurm for ``--requeue`` and nemo-run's script requeues a job that exits
+non-zero up to ``retries`` times. On ``scontrol requeue``, pre-emption or ``scancel`` Slurm sends SIGTERM
+to every process of the job, the trainer processes included: they save a checkpoint at the end of the
+step and exit with status 75, so the requeued job resumes from that step. (Slurm's ``--signal`` warning
+is not used on this path: torchrun's agent does not forward SIGUSR1 to its workers; for the time-limit
+warning use ``slurm/tropd_8node.sh``, whose ranks are the trainer processes themselves.)
 """
 
 from __future__ import annotations
@@ -28,6 +39,11 @@ FORWARDED_ENV = ("TROPD_RUN_DIR", "TROPD_DATA_DIR", "TROPD_MODELS_DIR")
 RANK_ENV = {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
 
 
+def experiments_dir(job_dir: str) -> str:
+    """Where ``run.Experiment(base_dir=job_dir)`` writes its jobs, and so where the tunnel must look."""
+    return os.path.join(os.path.abspath(job_dir), "experiments")
+
+
 def slurm_executor(
     nodes: int,
     gpus_per_node: int,
@@ -39,14 +55,22 @@ def slurm_executor(
     job_dir: str,
     env_vars: dict[str, str] | None = None,
     retries: int = 3,
+    ntasks_per_node: int | None = None,
 ) -> run.SlurmExecutor:
-    """One torchrun agent per node starting ``gpus_per_node`` ranks; exclusive nodes, requeue on failure."""
+    """One torchrun agent per node starting ``ntasks_per_node`` ranks (default: one per GPU); exclusive
+    nodes, requeue on failure. ``gpus_per_node=0`` asks for no GPU (CPU ranks)."""
+    ranks = ntasks_per_node if ntasks_per_node is not None else gpus_per_node
+    if ranks < 1:
+        raise ValueError(
+            f"no ranks per node: --gpus-per-node {gpus_per_node} and no --ntasks-per-node; "
+            "pass --ntasks-per-node N to run N CPU ranks per node"
+        )
     return run.SlurmExecutor(
         account=account,
         partition=partition,
         nodes=nodes,
-        ntasks_per_node=gpus_per_node,  # with torchrun nemo-run turns this into --nproc-per-node
-        gpus_per_node=gpus_per_node,
+        ntasks_per_node=ranks,  # with torchrun nemo-run turns this into --nproc-per-node
+        gpus_per_node=gpus_per_node or None,  # None: no --gpus-per-node line, so no GPU is requested
         time=time,
         exclusive=True,
         additional_parameters={"requeue": True},
@@ -56,7 +80,8 @@ def slurm_executor(
         launcher="torchrun",
         job_name_prefix="tropd-",
         packager=run.Packager(),  # the code is on shared storage / in the image; no git archive needed
-        tunnel=run.LocalTunnel(job_dir=job_dir),
+        # The tunnel's job dir is the experiments dir the job files are written to (on this machine).
+        tunnel=run.LocalTunnel(job_dir=experiments_dir(job_dir)),
         env_vars={**RANK_ENV, **(env_vars or {})},
     )
 
@@ -73,16 +98,23 @@ def training_task(recipe: str, overrides: Sequence[str]) -> run.Partial:
     return run.Partial(launch, recipe=recipe, overrides=list(overrides))
 
 
-def render_sbatch(executor: run.SlurmExecutor, task: run.Partial, name: str, experiment_dir: str) -> str:
+def experiment_title(recipe: str) -> str:
+    return f"tropd-{recipe}"
+
+
+def render_sbatch(executor: run.SlurmExecutor, task: run.Partial, name: str, job_dir: str) -> str:
     """The sbatch script nemo-run would submit, rendered without a cluster (``run.Experiment`` minus sbatch).
 
-    Like a real submission it writes the job's files (serialized task, sbatch script) under
-    ``experiment_dir``; the script refers to the task as ``/nemo_run/configs/<name>_fn_or_script``.
+    Like a real submission it writes the job's files (serialized task, sbatch script) where the job
+    reads them, ``<job_dir>/experiments/<title>/<title>_dryrun/<name>/``; in a container the script refers
+    to the task as ``/nemo_run/configs/<name>_fn_or_script``.
     """
     from nemo_run.run.torchx_backend.launcher import launch
     from nemo_run.run.torchx_backend.packaging import package
 
-    executor.assign(f"tropd-{name}", experiment_dir, name, name)
+    title = experiment_title(name)
+    experiment_id = f"{title}_dryrun"  # run.Experiment names its ids <title>_<timestamp>
+    executor.assign(experiment_id, os.path.join(experiments_dir(job_dir), title, experiment_id), name, name)
     app_def = package(name=name, fn_or_script=task, executor=executor, serialize_to_file=True)
     _, info = launch(app_def, executor_name="slurm_tunnel", executor=executor, dryrun=True)
     return info.request.materialize()
@@ -100,8 +132,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--executor", choices=("slurm", "local"), required=True)
     parser.add_argument("--dryrun", action="store_true", help="print the job (sbatch script) and exit")
+    parser.add_argument("--detach", action="store_true", help="return once the job is submitted")
     parser.add_argument("--nodes", type=int, default=8)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="0: CPU ranks (no GPU requested)")
+    parser.add_argument(
+        "--ntasks-per-node", type=int, default=None, help="ranks per node (default: --gpus-per-node)"
+    )
     parser.add_argument("--nproc", type=int, default=2, help="local ranks")
     parser.add_argument("--account", default=os.environ.get("SBATCH_ACCOUNT", ""))
     parser.add_argument("--partition", default=os.environ.get("SBATCH_PARTITION", ""))
@@ -132,8 +168,10 @@ def build_executor(args: argparse.Namespace) -> tuple[run.Executor, int]:
         mounts=args.mount,
         job_dir=args.job_dir,
         env_vars=env_vars,
+        ntasks_per_node=args.ntasks_per_node,
     )
-    return executor, args.nodes * args.gpus_per_node
+    ranks_per_node = args.gpus_per_node if args.ntasks_per_node is None else args.ntasks_per_node
+    return executor, args.nodes * ranks_per_node
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,12 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dryrun and isinstance(executor, run.SlurmExecutor):
         print(render_sbatch(executor, task, args.recipe, args.job_dir))
         return 0
-    with run.Experiment(f"tropd-{args.recipe}") as experiment:
+    with run.Experiment(experiment_title(args.recipe), base_dir=args.job_dir) as experiment:
         experiment.add(task, executor=executor, name=args.recipe)
         if args.dryrun:
             experiment.dryrun()  # prints the rendered job (the sbatch script for Slurm); submits nothing
         else:
-            experiment.run(sequential=True, detach=False, tail_logs=args.executor == "local")
+            detach = args.detach and args.executor == "slurm"
+            experiment.run(sequential=True, detach=detach, tail_logs=args.executor == "local")
     return 0
 
 

@@ -9,10 +9,20 @@
 # Optional: CONTAINER_IMAGE (pyxis/enroot) with CONTAINER_MOUNTS (comma-separated src:dst), TROPD_PYTHON,
 # TROPD_CODE_DIR (the repository; default: where sbatch was called), TROPD_SITE_ENV (sourced by env.sh).
 #
-# Preemption / time limit: Slurm sends USR1 to this script 300 s before the end (and TERM on preemption).
-# The script forwards USR1 to every rank through srun; the trainer's contract is to save a checkpoint at
-# the end of the current step and exit with status 0. The script then runs `scontrol requeue`, and the
-# requeued job resumes from the latest checkpoint in TROPD_RUN_DIR (checkpoint.resume is true by default).
+# Signals and requeue (the contract of megatron_tropd.signals): on SIGUSR1 or SIGTERM each rank finishes
+# its step, saves a checkpoint and exits with status 75; the requeued job resumes from that checkpoint
+# (checkpoint.resume is true by default). Who sends what, and what this script does then:
+#   - the time-limit warning (--signal=B:USR1@300, to this script only): USR1 is forwarded to the ranks
+#     through srun; on their status 75 the script runs `scontrol requeue`.
+#   - a signal sent to the steps only (`scancel --signal=USR1 JOBID`): the ranks get it directly; on their
+#     status 75 the script runs `scontrol requeue` the same way.
+#   - `scontrol requeue JOBID` or pre-emption: Slurm sends TERM to every process, waits KillWait seconds
+#     (slurm.conf; the step and the save must fit), then requeues the job itself.
+#   - a plain `scancel JOBID`: the same TERM; the ranks still save, and the job ends (CANCELLED).
+# The script decides from the job in slurmctld (still RUNNING: it requeues; its restart count went up:
+# Slurm requeues; else the job ends) and prints which. Any other rank status ends the job with it.
+# CPU or small clusters: sbatch --nodes=1 --ntasks-per-node=2 --gpus-per-node=0 slurm/tropd_8node.sh
+# (command-line options override the #SBATCH lines below; see the README).
 #
 #SBATCH --job-name=tropd
 #SBATCH --nodes=8
@@ -71,13 +81,41 @@ container_flags() {  # pyxis/enroot flags, one per line, only when CONTAINER_IMA
 RANK_COMMAND='export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID" WORLD_SIZE="$SLURM_NTASKS"
 exec "${TROPD_PYTHON:-python}" -m megatron_tropd.train --recipe "$TROPD_RECIPE" "$@"'
 
-requeue_requested=0
+REQUEUE_EXIT_CODE=75 # a rank's status after saving a checkpoint on a signal (megatron_tropd.signals)
 srun_pid=""
+restarts_at_start=0
 
-on_preempt() {
-    echo "tropd: preemption/time-limit signal: asking the ranks to checkpoint (SIGUSR1)" >&2
-    requeue_requested=1
+on_signal() { # forward to every rank through srun; srun relays USR1 to its tasks
+    echo "tropd: SIG$1: asking the ranks to checkpoint at the end of their step (SIGUSR1)" >&2
     [[ -z "$srun_pid" ]] || kill -USR1 "$srun_pid" 2>/dev/null || true
+}
+
+job_field() { # job_field NAME: a field of `scontrol show job` for this job (JobState, Restarts, ...)
+    local line
+    line="$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null || true)"
+    if [[ " $line " =~ \ $1=([^ ]*)\  ]]; then echo "${BASH_REMATCH[1]}"; else echo UNKNOWN; fi
+}
+
+requeue_after_checkpoint() { # the ranks saved and asked to be resumed: requeue unless Slurm decided
+    local state restarts output
+    state="$(job_field JobState)" restarts="$(job_field Restarts)"
+    if [[ "$state" == RUNNING ]]; then # our own warning, or a signal sent to the steps only
+        if output="$(scontrol requeue "$SLURM_JOB_ID" 2>&1)"; then
+            echo "tropd: checkpoint saved; job $SLURM_JOB_ID requeued: it resumes from that checkpoint" >&2
+            exit 0
+        fi
+        echo "tropd: checkpoint saved, but \`scontrol requeue $SLURM_JOB_ID\` failed: $output;" \
+            "the job ends here (resubmit to resume)" >&2
+        exit "$REQUEUE_EXIT_CODE"
+    fi
+    # Ending either way (COMPLETING): Slurm counts a requeue (scontrol requeue, pre-emption) at once.
+    if [[ "$restarts" =~ ^[0-9]+$ ]] && ((restarts > restarts_at_start)); then
+        echo "tropd: checkpoint saved; Slurm is requeueing job $SLURM_JOB_ID (restart $restarts)" >&2
+    else
+        echo "tropd: checkpoint saved; job $SLURM_JOB_ID is ending ($state, cancelled or out of time)," \
+            "not requeued" >&2
+    fi
+    exit 0
 }
 
 launch_ranks() {
@@ -115,18 +153,19 @@ main() {
     # shellcheck source=slurm/env.sh
     source "$TROPD_CODE_DIR/slurm/env.sh"
     rendezvous_env
-    trap on_preempt USR1 TERM
+    restarts_at_start="$(job_field Restarts)"
+    [[ "$restarts_at_start" =~ ^[0-9]+$ ]] || restarts_at_start=0
+    trap 'on_signal USR1' USR1
+    trap 'on_signal TERM' TERM
     echo "tropd: job $SLURM_JOB_ID: recipe $TROPD_RECIPE on $SLURM_NNODES nodes x $SLURM_NTASKS_PER_NODE" \
         "ranks, master $MASTER_ADDR:$MASTER_PORT, run dir $TROPD_RUN_DIR" >&2
     launch_ranks checkpoint.save_dir="$TROPD_RUN_DIR" "$@"
     local status=0
     wait_for_ranks || status=$?
-    if ((requeue_requested)); then
-        echo "tropd: ranks exited with status $status; requeueing job $SLURM_JOB_ID to resume" >&2
-        # Refused when the job is being cancelled (scancel also sends TERM): then it just ends.
-        scontrol requeue "$SLURM_JOB_ID" || echo "tropd: requeue refused; the job ends here" >&2
-        exit 0
+    if ((status == REQUEUE_EXIT_CODE)); then
+        requeue_after_checkpoint
     fi
+    echo "tropd: ranks exited with status $status" >&2
     exit "$status"
 }
 

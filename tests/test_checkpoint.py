@@ -107,6 +107,22 @@ def _listing(root: Path):
     return sorted(os.listdir(root))
 
 
+def _largest_shard(step_dir: Path) -> Path:
+    return max(step_dir.glob("*.distcp"), key=lambda path: path.stat().st_size)
+
+
+def _overwrite_bytes(path: Path, count: int = 8192) -> None:
+    """Random bytes over ``count`` bytes in the middle of ``path``; its size is unchanged."""
+    size = path.stat().st_size
+    with open(path, "r+b") as handle:
+        handle.seek(max(0, size // 2 - count // 2))
+        handle.write(np.random.default_rng(0).bytes(min(count, size)))
+
+
+def _truncate_to_half(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
 def _history(topology, student, teacher, steps, first_step=0):
     from tests.distill_setup import distill_steps
 
@@ -275,6 +291,9 @@ def reshard_worker(rank, world_size, base):
         checkpoint.load_model_weights, base / "weights", student_as_teacher, student_config()
     )
     errors["teacher_shapes"] = _error_of(checkpoint.load_model_weights, base / "weights", student_as_teacher)
+    errors["teacher_damaged"] = _error_of(
+        checkpoint.load_model_weights, base / "weights_damaged", teacher_copy
+    )
     return {
         "errors": errors,
         "loop_state": loop_state,
@@ -304,7 +323,52 @@ def _make_bad_roots(base: Path) -> list[str]:
     (base / "latest_incomplete" / step / "tropd_checkpoint.json").unlink()
     shutil.copytree(base / "exact", base / "no_marker")
     (base / "no_marker" / "latest").unlink()
-    return [*cases, "latest_incomplete", "no_marker"]
+    return [*cases, "latest_incomplete", "no_marker", *_make_damaged_roots(base)]
+
+
+def _make_damaged_roots(base: Path) -> list[str]:
+    """Copies of the good root with the damage a disk, a copy or a user does to files."""
+    step = "step-0000002"
+    damage = {
+        "shard_bytes": lambda root: _overwrite_bytes(_largest_shard(root / step)),
+        "shard_missing": lambda root: _largest_shard(root / step).unlink(),
+        "shard_truncated": lambda root: _truncate_to_half(_largest_shard(root / step)),
+        "rng_truncated": lambda root: _truncate_to_half(root / step / "rng" / "rank-00001.pt"),
+        "latest_garbage": lambda root: (root / "latest").write_bytes(np.random.default_rng(1).bytes(64)),
+        "metadata_truncated": lambda root: _truncate_to_half(root / step / "tropd_checkpoint.json"),
+    }
+    for name, damage_files in damage.items():
+        shutil.copytree(base / "exact", base / name)
+        damage_files(base / name)
+    # Steps 1 and 3 (the crash root); the newest damaged, or `latest` unreadable: a fallback resumes one.
+    shutil.copytree(base / "crash", base / "fallback")
+    _overwrite_bytes(_largest_shard(base / "fallback" / "step-0000003"))
+    shutil.copytree(base / "crash", base / "fallback_latest_garbage")
+    (base / "fallback_latest_garbage" / "latest").write_bytes(b"\xff\xfe garbage")
+    shutil.copytree(base / "weights", base / "weights_damaged")
+    _overwrite_bytes(_largest_shard(base / "weights_damaged"))
+    return list(damage)
+
+
+def fallback_worker(rank, world_size, base):
+    """Resumes with ``on_damaged="previous"``, each into a freshly built student."""
+    from megatron_tropd import checkpoint
+    from megatron_tropd.training import build_student
+    from tests.distill_setup import setup_models
+
+    base = Path(base)
+    topology, student, _ = setup_models((1, 1), (1, 1), OPTIM, TOTAL_STEPS)
+    results = {}
+    for name in ("fallback", "fallback_latest_garbage", "shard_bytes"):
+        fresh = build_student(student_config(), OPTIM, topology.student, TOTAL_STEPS, STUDENT_SEED)
+        try:
+            results[name] = checkpoint.load_checkpoint(base / name, fresh, on_damaged="previous")
+        except checkpoint.CheckpointError as error:
+            results[name] = f"CheckpointError: {error}"
+        torch.distributed.barrier()
+        results[f"{name}_listing"] = _listing(base / name)
+        results[f"{name}_latest"] = (base / name / "latest").read_bytes().decode(errors="replace").strip()
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -316,9 +380,11 @@ def runs(tmp_path_factory):
     resumed = run_on_ranks(resume_worker, 2, str(base), bad_roots)
     resharded = run_on_ranks(reshard_worker, 2, str(base))
     dp_only = run_on_ranks(dp_only_worker, 1, str(base))
+    fallback = run_on_ranks(fallback_worker, 2, str(base))
     unchanged = {name: _tree_digest(base / name) == digest for name, digest in read_only.items()}
     return {
-        "saved": saved, "resumed": resumed, "resharded": resharded, "dp_only": dp_only, "unchanged": unchanged
+        "saved": saved, "resumed": resumed, "resharded": resharded, "dp_only": dp_only,
+        "unchanged": unchanged, "fallback": fallback,
     }  # fmt: skip
 
 
@@ -455,3 +521,39 @@ def test_bad_checkpoints_are_refused_before_loading(runs):
             assert "complete: ['step-0000002']" in errors[name] and "start from scratch" in errors[name]
         other = errors["other_shape"]
         assert "hidden_size: checkpoint 64, model 32" in other and "ffn_hidden_size: checkpoint 96" in other
+
+
+def test_damaged_files_are_refused_naming_the_file_and_step(runs):
+    for result in runs["resumed"]:
+        errors = result["errors"]
+        assert result["untouched_by_errors"]
+        for name in ("shard_bytes", "shard_missing", "shard_truncated", "rng_truncated"):
+            assert errors[name].startswith("CheckpointError"), (name, errors[name])
+            assert "step-0000002 (step 2) is damaged" in errors[name], (name, errors[name])
+            assert "checkpoint.on_damaged=previous" in errors[name], name
+        assert "contents differ from the recorded xxh3_128 hash" in errors["shard_bytes"]
+        assert ".distcp: missing" in errors["shard_missing"]
+        assert "bytes, recorded" in errors["shard_truncated"] and "truncated" in errors["shard_truncated"]
+        assert "rng/rank-00001.pt: " in errors["rng_truncated"]
+        assert "is not a step directory name" in errors["latest_garbage"], errors["latest_garbage"]
+        assert "step-0000002/tropd_checkpoint.json is damaged" in errors["metadata_truncated"]
+        assert "JSONDecodeError" in errors["metadata_truncated"]
+    for result in runs["resharded"]:
+        damaged = result["errors"]["teacher_damaged"]
+        assert "weights_damaged is damaged" in damaged and "contents differ" in damaged, damaged
+
+
+def test_on_damaged_previous_resumes_the_newest_intact_step(runs):
+    for result in runs["fallback"]:
+        assert result["fallback"] == {"step": 1}
+        # The damaged step is kept aside (never deleted), and `latest` names the resumed one.
+        aside = [name for name in result["fallback_listing"] if name.startswith("damaged-step-0000003-")]
+        assert len(aside) == 1 and "step-0000003" not in result["fallback_listing"]
+        assert result["fallback_latest"] == "step-0000001"
+        assert result["fallback_latest_garbage"] == {"step": 3}
+        assert result["fallback_latest_garbage_latest"] == "step-0000003"
+        only_damaged = result["shard_bytes"]
+        assert (
+            only_damaged.startswith("CheckpointError: no intact checkpoint")
+            and "step-0000002" in only_damaged
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 import sentencepiece
@@ -82,3 +83,130 @@ def test_sampler_is_deterministic_covers_epochs_and_resumes(tmp_path):
     resumed = PromptSampler(prompts, seed=3, position=6)
     assert [p.id for p in resumed.next_batch(9)] == drawn[6:15]
     assert [p.id for p in PromptSampler(prompts, seed=4).next_batch(7)] != drawn[:7]
+
+
+def test_out_of_vocabulary_ids_name_file_line_and_prompt(tmp_path, sp_model):
+    rows = [{"id": "a", "prompt_token_ids": [1, 2]}, {"id": "b7", "prompt_token_ids": [3, 300, 4]}]
+    path = _write(tmp_path / "p.jsonl", rows)
+    assert len(load_prompts(path, None, "none", 64, "skip", vocab_size=301)) == 2
+    with pytest.raises(
+        ValueError, match=r"p.jsonl:2 \(prompt id 'b7'\): token id 300 at position 1 .*\[0, 300\)"
+    ):
+        load_prompts(path, None, "none", 64, "skip", vocab_size=300)
+    with pytest.raises(ValueError, match=r"p.jsonl:1: 'prompt_token_ids' must be"):  # bools are not ids
+        load_prompts(
+            _write(tmp_path / "p.jsonl", [{"prompt_token_ids": [1, True]}]), None, "none", 64, "skip"
+        )
+    # A tokenizer with more pieces than the models have rows: its ids are refused too.
+    text = _write(tmp_path / "t.jsonl", [{"prompt": "what is 29 plus 28?"}])
+    with pytest.raises(ValueError, match=r"t.jsonl:1: token id \d+ at position \d+ of the tokenized prompt"):
+        load_prompts(text, Tokenizer(sp_model), "none", 64, "skip", vocab_size=4)
+
+
+def test_overlong_skips_are_counted_and_logged(tmp_path, caplog):
+    rows = [
+        {"prompt_token_ids": [1] * 10},
+        {"prompt_token_ids": [1, 2]},
+        {"id": "x", "prompt_token_ids": [1] * 12},
+    ]
+    with caplog.at_level("WARNING", logger="megatron_tropd.data"):
+        kept = load_prompts(_write(tmp_path / "p.jsonl", rows), None, "none", 5, "skip")
+    assert [p.id for p in kept] == ["2"]
+    assert "skipped 2 of 3 prompts longer than rollout.max_prompt_length=5" in caplog.text
+    assert "the longest, 12 tokens, at" in caplog.text and "p.jsonl:3 (prompt id 'x')" in caplog.text
+    with pytest.raises(
+        ValueError, match=r"no usable prompts \(1 rows, 1 longer than rollout.max_prompt_length=1"
+    ):
+        load_prompts(_write(tmp_path / "q.jsonl", rows[:1]), None, "none", 1, "skip")
+
+
+def test_unreadable_files_are_clear_errors(tmp_path, sp_model):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt_token_ids": [1]}\n{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: not UTF-8 text"):
+        load_prompts(str(path), None, "none", 64, "skip")
+    broken = tmp_path / "tok"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"tok/tokenizer.json cannot be loaded"):
+        Tokenizer(str(broken))
+    with pytest.raises(ValueError, match=r"has no tokenizer.json"):
+        Tokenizer(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pre-flight: prompt-file problems stop `python -m megatron_tropd.train` before any process group
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _preflight_cases(tmp_path):
+    good = [{"prompt_token_ids": [5, 6]}]
+    oov = [*good, {"id": 9, "prompt_token_ids": [300]}]
+
+    def prompts(name, rows):
+        return f"data.train_prompts={_write(tmp_path / name, rows)}"
+
+    return [
+        ([f"data.train_prompts={tmp_path / 'missing.jsonl'}"], r"missing.jsonl' does not exist"),
+        ([prompts("a.jsonl", [*good, "{oops"])], r"a.jsonl:2: not valid JSON"),
+        ([prompts("b.jsonl", [{"text": "x"}])], r"b.jsonl:1: missing field"),
+        ([prompts("c.jsonl", oov)], r"c.jsonl:2 \(prompt id 9\): token id 300 at position 0 .* \[0, 300\)"),
+        (
+            [prompts("d.jsonl", [{"prompt_token_ids": [1] * 40}])],
+            r"d.jsonl: no usable prompts \(1 rows, 1 longer than rollout.max_prompt_length=32",
+        ),
+        (
+            [prompts("e.jsonl", good), f"data.tokenizer={tmp_path / 'no.model'}"],
+            r"tokenizer '.*no.model' does not exist",
+        ),
+        *_run_dir_cases(tmp_path),
+    ]
+
+
+def _run_dir_cases(tmp_path):
+    """A run directory that cannot exist, a ``checkpoints`` that is a file, a resume that must find a
+    checkpoint and finds none, and a ``latest`` marker holding garbage."""
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "ckpt_is_file").mkdir()
+    (tmp_path / "ckpt_is_file" / "checkpoints").write_text("x")
+    (tmp_path / "garbage" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "garbage" / "checkpoints" / "latest").write_bytes(b"\xff\xfe\x00junk")
+    save_dir = "checkpoint.save_dir="
+    return [
+        ([f"{save_dir}{tmp_path / 'a_file' / 'run'}"], r"checkpoint.save_dir: .*a_file is a file"),
+        ([f"{save_dir}{tmp_path / 'ckpt_is_file'}"], r"ckpt_is_file/checkpoints is a file"),
+        (
+            [f"{save_dir}{tmp_path / 'empty'}", "checkpoint.resume=required"],
+            r"checkpoint.resume=required but .*empty/checkpoints holds no checkpoint",
+        ),
+        ([f"{save_dir}{tmp_path / 'garbage'}"], r"latest holds .* which is not a step directory name"),
+    ]
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_preflight_refuses_bad_prompt_files_before_training(tmp_path, monkeypatch, capsys, rank):
+    """Exit 2 with one message from rank 0 (silence elsewhere); the trainer is never reached."""
+    from megatron_tropd import train
+
+    def unreachable(config):
+        raise AssertionError("training started despite a bad input file")
+
+    monkeypatch.setattr(train, "_train", unreachable)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)  # no signal handlers or parent-death signal here
+    for overrides, message in _preflight_cases(tmp_path):
+        assert train.main(["--recipe", "tiny_cpu", *overrides]) == 2
+        err = capsys.readouterr().err
+        if rank == "0":
+            assert err.count("error:") == 1 and re.search(message, err), (message, err)
+        else:
+            assert err == ""
+
+
+def test_preflight_passes_the_shipped_tiny_prompts():
+    from megatron_tropd.preflight import check_run_inputs, preflight_status
+    from recipes import get_recipe
+
+    config = get_recipe("tiny_cpu")
+    check_run_inputs(config)
+    assert preflight_status(config, {"RANK": "0"}) == 0

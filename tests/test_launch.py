@@ -25,7 +25,8 @@ SCRIPT_1NODE = REPO / "slurm" / "tropd_1node.sh"
 GOLDEN = Path(__file__).parent / "golden" / "tropd_8node_sbatch.txt"
 
 # Each stub logs into $STUB_LOG. srun runs its command once per task with the task's SLURM_* variables
-# (or, with STUB_SRUN_SLEEP, "runs" until it receives SIGUSR1, which it records).
+# and exits with STUB_RANK_STATUS (or, with STUB_SRUN_SLEEP, "runs" until it receives SIGUSR1, which it
+# records). scontrol answers `show job` with STUB_JOB / STUB_JOB_AFTER.
 STUBS = {
     "srun": r"""#!/bin/bash
 printf '%s\n' "$@" > "$STUB_LOG/srun.argv"
@@ -33,7 +34,13 @@ while [[ "$1" == --* ]]; do shift; done
 if [[ -n "${STUB_SRUN_SLEEP:-}" ]]; then
     sleep "$STUB_SRUN_SLEEP" >/dev/null 2>&1 &
     sleeper=$!
-    trap 'echo USR1 >> "$STUB_LOG/srun.signals"; kill "$sleeper"; exit 0' USR1
+    on_usr1() {  # the ranks save and exit with STUB_RANK_STATUS (the trainer's 75 by default)
+        echo USR1 >> "$STUB_LOG/srun.signals"
+        kill "$sleeper"
+        touch "$STUB_LOG/ranks.done"
+        exit "${STUB_RANK_STATUS:-75}"
+    }
+    trap on_usr1 USR1
     touch "$STUB_LOG/srun.started"
     wait "$sleeper"
     exit 3
@@ -42,6 +49,8 @@ for ((r = 0; r < SLURM_NTASKS; r++)); do
     SLURM_PROCID=$r SLURM_LOCALID=$((r % SLURM_NTASKS_PER_NODE)) SLURM_NODEID=$((r / SLURM_NTASKS_PER_NODE)) \
         "$@" || exit $?
 done
+touch "$STUB_LOG/ranks.done"
+exit "${STUB_RANK_STATUS:-0}"
 """,
     "python": r"""#!/bin/bash
 echo "RANK=$RANK LOCAL_RANK=$LOCAL_RANK WORLD_SIZE=$WORLD_SIZE MASTER_ADDR=$MASTER_ADDR"""
@@ -50,6 +59,17 @@ echo "RANK=$RANK LOCAL_RANK=$LOCAL_RANK WORLD_SIZE=$WORLD_SIZE MASTER_ADDR=$MAST
     "scontrol": r"""#!/bin/bash
 echo "$*" >> "$STUB_LOG/scontrol.log"
 if [[ "$1 $2" == "show hostnames" ]]; then printf 'node%03d\n' 1 2 3 4 5 6 7 8; fi
+# `show job`: the state slurmctld would report, from STUB_JOB (start) and then STUB_JOB_AFTER (once a
+# rank has exited); `requeue` fails when STUB_REQUEUE_FAILS is set.
+if [[ "$1 $2" == "show job" ]]; then
+    state="${STUB_JOB:-}"
+    [[ ! -e "$STUB_LOG/ranks.done" ]] || state="${STUB_JOB_AFTER:-$state}"
+    echo "$state"
+fi
+if [[ "$1" == requeue && -n "${STUB_REQUEUE_FAILS:-}" ]]; then
+    echo "Requested operation is presently disabled" >&2
+    exit 1
+fi
 """,
     "sbatch": r"""#!/bin/bash
 printf '%s\n' "$@" > "$STUB_LOG/sbatch.argv"
@@ -118,7 +138,11 @@ def test_8node_script_launches_64_ranks_with_torch_distributed_env(slurm):
         f"NCCL_DEBUG=WARN ARGS={args}"
         for rank in range(64)
     ]
-    assert (log / "scontrol.log").read_text() == "show hostnames node[001-008]\n"  # no requeue
+    assert (log / "scontrol.log").read_text().splitlines() == [  # no requeue
+        "show hostnames node[001-008]",
+        "show job -o 4242",
+    ]
+    assert "ranks exited with status 0" in result.stderr
 
 
 def test_container_flags_only_with_an_image(slurm):
@@ -187,12 +211,15 @@ def test_1node_script_runs_the_same_job_on_its_allocation(slurm):
     ]
 
 
-def test_usr1_is_forwarded_to_the_ranks_then_the_job_is_requeued(slurm):
-    env, log = slurm
-    env = {**env, "STUB_SRUN_SLEEP": "30"}
+RUNNING = "JobId=4242 JobName=tropd JobState=RUNNING Reason=None Requeue=1 Restarts=0 BatchFlag=1"
+
+
+def _start_and_signal(env: dict[str, str], log: Path) -> tuple[int, str]:
+    """Run the script with a long-running stub srun, send it SIGUSR1 once the ranks run (what Slurm's
+    --signal=B:USR1@300 does); (exit status, stderr)."""
     process = subprocess.Popen(
         ["bash", str(SCRIPT_8NODE)],
-        env=env,
+        env={**env, "STUB_SRUN_SLEEP": "30"},
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -202,15 +229,91 @@ def test_usr1_is_forwarded_to_the_ranks_then_the_job_is_requeued(slurm):
     while not (log / "srun.started").exists():
         assert process.poll() is None and time.monotonic() < deadline, "stub srun never started"
         time.sleep(0.05)
-    process.send_signal(signal.SIGUSR1)  # what Slurm's --signal=B:USR1@300 does
+    process.send_signal(signal.SIGUSR1)
     _, stderr = process.communicate(timeout=20)
-    assert process.returncode == 0, stderr
+    return process.returncode, stderr
+
+
+def _scontrol_calls(log: Path) -> list[str]:
+    return (log / "scontrol.log").read_text().splitlines()
+
+
+def test_warning_is_forwarded_to_the_ranks_then_the_job_is_requeued(slurm):
+    env, log = slurm
+    status, stderr = _start_and_signal({**env, "STUB_JOB": RUNNING}, log)
+    assert status == 0, stderr
     assert (log / "srun.signals").read_text() == "USR1\n"  # the ranks were asked to checkpoint
-    assert (log / "scontrol.log").read_text().splitlines() == [
-        "show hostnames node[001-008]",
-        "requeue 4242",
-    ]
-    assert "requeueing job 4242" in stderr
+    assert _scontrol_calls(log)[-2:] == ["show job -o 4242", "requeue 4242"]
+    assert "job 4242 requeued: it resumes from that checkpoint" in stderr
+
+
+def test_ranks_stopped_by_a_signal_to_the_steps_only_are_requeued(slurm):
+    """`scancel --signal=USR1 JOBID` reaches the ranks, not the script: their status 75 is the cue."""
+    env, log = slurm
+    result = _run(SCRIPT_8NODE, {**env, "STUB_JOB": RUNNING, "STUB_RANK_STATUS": "75"})
+    assert result.returncode == 0, result.stderr
+    assert _scontrol_calls(log)[-1] == "requeue 4242"
+    assert "requeued" in result.stderr
+
+
+def test_a_job_slurm_requeues_itself_is_not_requeued_twice(slurm):
+    """`scontrol requeue` / pre-emption: the job is COMPLETING with its restart count already raised."""
+    env, log = slurm
+    after = RUNNING.replace("RUNNING", "COMPLETING").replace("Restarts=0", "Restarts=1")
+    result = _run(
+        SCRIPT_8NODE, {**env, "STUB_JOB": RUNNING, "STUB_JOB_AFTER": after, "STUB_RANK_STATUS": "75"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "requeue 4242" not in _scontrol_calls(log)
+    assert "Slurm is requeueing job 4242 (restart 1)" in result.stderr
+
+
+def test_a_cancelled_job_ends_with_its_checkpoint_and_is_not_requeued(slurm):
+    """A plain `scancel`: COMPLETING, no restart counted. Slurm would accept a requeue; we must not ask."""
+    env, log = slurm
+    after = RUNNING.replace("RUNNING", "COMPLETING")
+    result = _run(
+        SCRIPT_8NODE, {**env, "STUB_JOB": RUNNING, "STUB_JOB_AFTER": after, "STUB_RANK_STATUS": "75"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "requeue 4242" not in _scontrol_calls(log)
+    assert "is ending (COMPLETING, cancelled or out of time), not requeued" in result.stderr
+
+
+def test_a_refused_requeue_is_reported_and_fails_the_job(slurm):
+    env, log = slurm
+    env = {**env, "STUB_JOB": RUNNING, "STUB_RANK_STATUS": "75", "STUB_REQUEUE_FAILS": "1"}
+    result = _run(SCRIPT_8NODE, env)
+    assert result.returncode == 75
+    assert "failed: Requested operation is presently disabled" in result.stderr
+    assert "requeued:" not in result.stderr
+
+
+def test_other_rank_failures_end_the_job_with_their_status(slurm):
+    env, log = slurm
+    result = _run(SCRIPT_8NODE, {**env, "STUB_JOB": RUNNING, "STUB_RANK_STATUS": "1"})
+    assert result.returncode == 1
+    assert "requeue 4242" not in _scontrol_calls(log)
+
+
+@pytest.mark.parametrize(
+    ("slurm_env", "threads"),
+    [
+        ({"SLURM_CPUS_PER_TASK": "6", "SLURM_CPUS_ON_NODE": "96", "SLURM_NTASKS_PER_NODE": "8"}, "6"),
+        ({"SLURM_CPUS_ON_NODE": "96", "SLURM_NTASKS_PER_NODE": "8"}, "12"),
+        ({"SLURM_CPUS_ON_NODE": "2", "SLURM_TASKS_PER_NODE": "4(x2)"}, "1"),
+        ({"SLURM_CPUS_ON_NODE": "2", "SLURM_NTASKS_PER_NODE": "2", "OMP_NUM_THREADS": "5"}, "5"),
+    ],
+)
+def test_env_sh_gives_each_rank_its_share_of_the_cpus(slurm_env, threads):
+    result = subprocess.run(
+        ["bash", "-c", f"source {REPO / 'slurm' / 'env.sh'} && echo $OMP_NUM_THREADS"],
+        env={"PATH": "/usr/bin:/bin", **slurm_env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.stdout.strip() == threads, result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,11 +362,35 @@ def test_slurm_render_of_the_paper_recipe_matches_the_golden_file(nemo_run, tmp_
     for flag in ("--nodes=8", "--gpus-per-node=8", "--exclusive", "--requeue", "--account=acct"):
         assert f"#SBATCH {flag}\n" in text
     assert "--nnodes 8 --nproc-per-node 8" in text and "export TROPD_RUN_DIR=" in text
-    serialized = (
-        job_dir / "deepseek_math_tropd" / "configs" / "deepseek_math_tropd_fn_or_script"
-    ).read_text()
+    # The job dir the script mounts as /nemo_run is the one the job's files were written to.
+    task_dir = job_dir / "experiments" / "tropd-deepseek_math_tropd" / "tropd-deepseek_math_tropd_dryrun"
+    task_dir = task_dir / "deepseek_math_tropd"
+    assert f"--container-mounts /lustre:/lustre,<JOB_DIR>/{task_dir.relative_to(job_dir)}:/nemo_run " in text
+    serialized = (task_dir / "configs" / "deepseek_math_tropd_fn_or_script").read_text()
     partial = ZlibJSONSerializer().deserialize(serialized)
     assert partial.recipe == "deepseek_math_tropd" and partial.overrides == ["optim.lr=1e-6"]
+
+
+def test_slurm_executor_asks_for_cpu_ranks_without_gpus(nemo_run, tmp_path):
+    """--gpus-per-node 0 --ntasks-per-node 2: no GPU line, two ranks per node, and the script's paths
+    (no container) name the files nemo-run wrote."""
+    from recipes import launch
+
+    job_dir = tmp_path / "jobs"
+    executor = launch.slurm_executor(
+        nodes=1, gpus_per_node=0, account="acct", partition="debug", time="00:10:00",
+        container_image=None, mounts=[], job_dir=str(job_dir), ntasks_per_node=2,
+    )  # fmt: skip
+    text = launch.render_sbatch(executor, launch.training_task("tiny_cpu", []), "tiny_cpu", str(job_dir))
+    assert "--gpus-per-node" not in text and "#SBATCH --nodes=1\n" in text
+    assert "--nnodes 1 --nproc-per-node 2" in text
+    config = re.search(r"fdl_runner -n tiny_cpu (\S+)", text).group(1)
+    assert Path(config).is_file() and Path(config).is_relative_to(job_dir / "experiments")
+    with pytest.raises(ValueError, match="--ntasks-per-node N"):
+        launch.slurm_executor(
+            nodes=1, gpus_per_node=0, account="a", partition="p", time="1", container_image=None,
+            mounts=[], job_dir=str(job_dir),
+        )  # fmt: skip
 
 
 def test_local_executor_and_cli_checks(nemo_run, tmp_path, capsys):
@@ -276,6 +403,13 @@ def test_local_executor_and_cli_checks(nemo_run, tmp_path, capsys):
     assert "do not split over the student's 3" in capsys.readouterr().err
     assert launch.main(["--recipe", "deepseek_math_tropd", "--executor", "slurm", "--account", ""]) == 2
     assert "--account and --partition" in capsys.readouterr().err
+    slurm = ["--executor", "slurm", "--account", "a", "--partition", "p", "--nodes", "1"]
+    # the world size checked before submission is nodes x ranks per node, whatever the GPUs
+    cpu = ["--gpus-per-node", "0", "--ntasks-per-node", "3"]
+    assert launch.main(["--recipe", "tiny_cpu", *slurm, *cpu]) == 2
+    assert "do not split over the student's 3" in capsys.readouterr().err
+    assert launch.main(["--recipe", "tiny_cpu", *slurm, "--gpus-per-node", "0"]) == 2
+    assert "--ntasks-per-node N" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -193,3 +193,34 @@ def test_for_job_reports_on_the_students_reporting_rank(tmp_path, dp_rank, activ
     log.close()
     assert log.active is active and log.total_steps == 7
     assert (tmp_path / "metrics.jsonl").exists() is active
+
+
+def test_nonfinite_values_are_written_as_null(tmp_path):
+    log = _log(tmp_path)
+    log.write({"step": 0, "loss": float("nan"), "grad_norm": float("inf"), "lr": 0.5})
+    log.close()
+
+    def refuse(constant):
+        raise ValueError(f"non-strict JSON constant {constant}")
+
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(text, parse_constant=refuse) == {"step": 0, "loss": None, "grad_norm": None, "lr": 0.5}
+
+
+def test_resume_drops_the_rows_it_writes_again(tmp_path):
+    log = _log(tmp_path)
+    for step in range(4):
+        log.write(_record(step))
+        log.write_eval(step + 1, {"avg@4": step / 4})
+    log.close()
+    logging_config = LoggingConfig(tensorboard=False)
+    resumed = MetricsLog(
+        tmp_path, logging_config, active=True, total_steps=4, start_step=2, progress_bar=False
+    )  # the checkpoint of step 2 (after the evaluation at 2): steps 2 and 3 run again
+    resumed.write(_record(2))
+    resumed.write_eval(3, {"avg@4": 0.5})
+    resumed.close()
+    rows = _jsonl(tmp_path)
+    assert [row["step"] for row in rows] == [0, 1, 1, 2, 2, 3]
+    assert rows[-1] == {"step": 3, "eval/avg@4": 0.5} and rows[3] == {"step": 2, "eval/avg@4": 0.25}
+    assert not list(tmp_path.glob("*.tmp"))
