@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from megatron_tropd.eval.sandbox import SANDBOX_UID, SandboxLimits, network_isolation, run_program
+from megatron_tropd.eval.sandbox import SandboxLimits, isolation, network_isolation, run_program, sandbox_uids
 
 LIMITS = SandboxLimits(cpu_seconds=2, wall_seconds=3.0, memory_bytes=256 << 20, max_processes=8)
 
 
 def _sandbox_uid_processes() -> int:
-    """Live (non-zombie) processes owned by the uid programs run as."""
-    uid = SANDBOX_UID if os.geteuid() == 0 else os.getuid()
-    return sum(1 for p in Path("/proc").iterdir() if p.name.isdigit() and _live_owner(p) == uid)
+    """Live (non-zombie) processes owned by the uids programs run as (the leased range as root)."""
+    uids = sandbox_uids() or [isolation().shared_uid or os.getuid()]
+    return sum(1 for p in Path("/proc").iterdir() if p.name.isdigit() and _live_owner(p) in uids)
 
 
 def _live_owner(path: Path) -> int | None:
