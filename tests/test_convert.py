@@ -97,16 +97,34 @@ def _hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens).logits
 
 
-def _with_bad_layer1_tensor(source: Path, target: Path) -> None:
-    """A copy of ``source`` whose layer-1 down_proj has the wrong shape: only PP stage 1 can notice."""
+LAYER1_DOWN_PROJ = "model.layers.1.mlp.down_proj.weight"
+NON_FINITE_PLANTED = 7  # NaN and inf entries planted in the layer-1 down_proj of the ``nan-layer1`` copy
+
+
+def _with_layer1_down_proj(source: Path, target: Path, down_proj: torch.Tensor) -> None:
+    """A copy of ``source`` (one ``model.safetensors``) whose layer-1 down_proj is ``down_proj``: only PP
+    stage 1 reads it."""
     from safetensors.torch import save_file
 
     shutil.copytree(source, target)
     tensors = _all_tensors(target)
     for path in target.glob("model*.safetensors*"):
         path.unlink()
-    tensors["model.layers.1.mlp.down_proj.weight"] = torch.zeros(64, 80)
+    tensors[LAYER1_DOWN_PROJ] = down_proj
     save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _with_bad_layer1_tensor(source: Path, target: Path) -> None:
+    """A copy of ``source`` whose layer-1 down_proj has the wrong shape."""
+    _with_layer1_down_proj(source, target, torch.zeros(64, 80))
+
+
+def _with_non_finite_layer1_tensor(source: Path, target: Path) -> None:
+    """A copy of ``source`` whose layer-1 down_proj holds 5 NaN and 2 inf among finite values."""
+    down_proj = _all_tensors(source)[LAYER1_DOWN_PROJ].clone()
+    down_proj.view(-1)[:5] = float("nan")
+    down_proj.view(-1)[-2:] = torch.tensor([float("inf"), float("-inf")])
+    _with_layer1_down_proj(source, target, down_proj)
 
 
 def _error_of(fn, *args, **kwargs) -> str | None:
@@ -140,6 +158,27 @@ def _force_scenarios(root: Path) -> dict:
     return {"replaced": sorted(p.name for p in replaced.iterdir()), "failed_rank_error": error}
 
 
+def _non_finite_scenarios(rank: int, world_size: int, root: Path) -> dict:
+    """Import of HF weights holding NaN / inf at PP2 (only rank 1's stage reads them) and export of a
+    Megatron checkpoint whose final norm is NaN: both refused, through the command line's wrapper."""
+    from megatron_tropd.checkpoint import load_model_weights, save_model_weights
+    from megatron_tropd.hf import convert
+
+    imported = convert.refusing_bad_input(
+        rank, world_size, convert.import_job, root / "nan-layer1", root / "nan-import", 1, 2, False, True
+    )
+    directory, config = convert.read_megatron_config(root / "qwen2" / "megatron-tp1pp1")
+    model, _ = convert._build_model(config, 1, 1)
+    load_model_weights(directory, model, config)
+    with torch.no_grad():
+        dict(model.named_parameters())["decoder.final_layernorm.weight"][:3] = float("nan")
+    save_model_weights(root / "nan-megatron", model, config)
+    exported = convert.refusing_bad_input(
+        rank, world_size, convert.export_job, root / "nan-megatron", root / "nan-export", False, None, True
+    )
+    return {"import": imported, "export": exported}
+
+
 def conversion_worker(rank: int, world_size: int, root: Path) -> dict:
     from megatron_tropd.hf import convert
 
@@ -153,6 +192,7 @@ def conversion_worker(rank: int, world_size: int, root: Path) -> dict:
             root / arch / "megatron-tp2pp1", root / arch / "export", max_shard_bytes=EXPORT_SHARD_BYTES
         )
     results["force"] = _force_scenarios(root)
+    results["non_finite"] = _non_finite_scenarios(rank, world_size, root)
     return results
 
 
@@ -162,6 +202,7 @@ def converted(tmp_path_factory) -> tuple[Path, dict]:
     for arch in ARCHITECTURES:
         _save_tiny_hf_model(arch, root / arch / "hf")
     _with_bad_layer1_tensor(root / "qwen2" / "hf", root / "bad-layer1")
+    _with_non_finite_layer1_tensor(root / "qwen2" / "hf", root / "nan-layer1")
     results = run_on_ranks(conversion_worker, 2, root)
     assert results[0].keys() == results[1].keys()
     return root, results[0]
@@ -231,6 +272,73 @@ def test_force_replaces_and_a_failing_rank_keeps_the_old_output(converted):
     assert error is not None and error.startswith("on rank 1:") and "down_proj" in error, error
     assert (root / "kept" / "old.txt").read_text() == "old\n"
     assert sorted(p.name for p in (root / "kept").iterdir()) == ["old.txt"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Non-finite weights and logits
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_import_refuses_non_finite_hf_weights_naming_the_tensor(converted):
+    root, results = converted
+    refusal = results["non_finite"]["import"]
+    assert type(refusal).__name__ == "Refusal", refusal
+    # rank 0 (stage 0) read finite tensors; it reports what rank 1 found, once
+    assert refusal.message.startswith("on rank 1: "), refusal.message
+    assert f"{LAYER1_DOWN_PROJ!r}" in refusal.message, refusal.message
+    assert f"has {NON_FINITE_PLANTED} non-finite value(s)" in refusal.message, refusal.message
+    assert not (root / "nan-import").exists()
+
+
+def test_export_refuses_non_finite_weights_naming_the_tensor(converted):
+    root, results = converted
+    refusal = results["non_finite"]["export"]
+    assert type(refusal).__name__ == "Refusal", refusal
+    assert "'model.norm.weight'" in refusal.message and "has 3 non-finite value(s)" in refusal.message
+    assert not (root / "nan-export").exists()
+    assert not [p.name for p in root.glob(".nan-export*")], "a staging directory was left behind"
+
+
+def test_verify_fails_on_non_finite_logits_naming_the_side(converted, capsys):
+    """The check of ``--verify`` on real HF logits: clean ones pass; NaN / inf on either side fails and
+    names that side, even where the NaN makes every difference compare as small."""
+    from megatron_tropd.hf.convert import LogitsComparison, _compare_with_hf, prompt_tokens
+
+    root, _ = converted
+    cli = _load_cli()
+    tokens = prompt_tokens(300)
+    clean = _hf_logits(root / "qwen2" / "hf", tokens)
+    assert cli._report(_compare_with_hf(root / "qwen2" / "hf", tokens, clean), 1e-6) == 0
+    poisoned = clean.clone()
+    poisoned[0, 3, :2] = float("nan")
+    poisoned[1, 5, 7] = float("inf")
+    comparison = _compare_with_hf(root / "qwen2" / "hf", tokens, poisoned)
+    assert (comparison.hf_non_finite, comparison.megatron_non_finite) == (0, 3), comparison
+    assert cli._report(comparison, cli.DEFAULT_VERIFY_ATOL) == 1
+    assert "FAILED: the Megatron model produced 3 non-finite logit(s)" in capsys.readouterr().err
+    comparison = _compare_with_hf(root / "nan-layer1", tokens, clean)  # NaN weights: HF logits NaN
+    assert comparison.hf_non_finite > 0 and comparison.megatron_non_finite == 0, comparison
+    assert cli._report(comparison, cli.DEFAULT_VERIFY_ATOL) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"FAILED: the HF model produced {comparison.hf_non_finite} non-finite" in err
+        and "Megatron" not in err
+    )
+    nan_diff = LogitsComparison(
+        max_abs_diff=float("nan"), top1_agreement=1.0, logits_std=1.0, num_positions=32
+    )
+    assert cli._report(nan_diff, cli.DEFAULT_VERIFY_ATOL) == 1
+
+
+def test_cli_import_of_non_finite_weights_exits_2_naming_the_tensor(converted, tmp_path, capsys):
+    root, _ = converted
+    cli = _load_cli()
+    out = tmp_path / "out"
+    assert cli.main(["import", "--hf-dir", str(root / "nan-layer1"), "--out", str(out), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert "error: HF tensor" in err and LAYER1_DOWN_PROJ in err, err
+    assert f"{NON_FINITE_PLANTED} non-finite" in err, err
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -359,7 +467,7 @@ def trainer_teacher_worker(rank: int, world_size: int, teacher_dir: Path, tokens
 
     _, teacher_config = read_megatron_config(teacher_dir)
     config = get_recipe("tiny_cpu")
-    checkpoint = dataclasses.replace(config.checkpoint, teacher=str(teacher_dir), resume=False)
+    checkpoint = dataclasses.replace(config.checkpoint, teacher=str(teacher_dir), resume="never")
     config = dataclasses.replace(config, teacher=teacher_config, checkpoint=checkpoint)
     job, _ = setup(config)
     mask = torch.ones_like(tokens, dtype=torch.bool)

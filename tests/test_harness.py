@@ -4,6 +4,7 @@ refused before any rank starts; --compare puts runs side by side."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -65,11 +66,18 @@ def _cli_args(base: Path, out: str, run_name: str, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def saved(tmp_path_factory):
+    """The tokenizer, the weights, the benchmarks and one rank's responses: no CLI run yet."""
     base = tmp_path_factory.mktemp("harness")
     train_tokenizer(base / "sp.model")
     reference = run_on_ranks(_reference_worker, 1, str(base))[0]
     _write_benchmarks(base / "bench", reference)
+    return base, reference
+
+
+@pytest.fixture(scope="module")
+def runs(saved):
+    base, reference = saved
     assert main(_cli_args(base, "tp2", "tp2", "--tp", "2", "--cpu-ranks", "2")) == 0
     assert main(_cli_args(base, "dp2", "dp2", "--cpu-ranks", "2")) == 0
     assert main(_cli_args(base, "pp2", "pp2", "--pp", "2", "--cpu-ranks", "2")) == 0
@@ -133,12 +141,35 @@ def test_missing_or_corrupt_checkpoint_is_refused_before_any_rank_starts(runs, t
     assert not (base / "never").exists()
 
 
-def test_prompt_longer_than_the_context_is_refused(runs, capsys):
-    base, _ = runs
+def test_prompt_longer_than_the_context_is_refused(saved, capsys):
+    base, _ = saved
     args = _cli_args(base, "never", "x")
     args[args.index("--max-new-tokens") + 1] = "250"  # tiny(): 256 positions
     message = _error(args, capsys)
     assert "max_position_embeddings" in message and "item 'p0'" in message
+
+
+def test_missing_benchmarks_are_refused_naming_the_path_and_the_flag(saved, tmp_path, capsys):
+    """A missing directory, manifest or listed file is bad input (exit 2), not a FileNotFoundError."""
+    base, _ = saved
+    args = _cli_args(base, "never", "x")
+    where = args.index("--benchmarks") + 1
+    missing_dir = tmp_path / "no-such-benchmarks"
+    args[where] = str(missing_dir)
+    message = _error(args, capsys)
+    assert str(missing_dir) in message and "--benchmarks" in message and "eval.benchmarks" in message
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args[where] = str(empty)
+    message = _error(args, capsys)
+    assert str(empty / "benchmarks.json") in message and "prepare_benchmarks.py" in message
+    partial = tmp_path / "partial"
+    shutil.copytree(base / "bench", partial)
+    (partial / "talk.jsonl").unlink()
+    args[where] = str(partial)
+    message = _error(args, capsys)
+    assert str(partial / "talk.jsonl") in message and "listed in" in message and "--benchmarks" in message
+    assert not (base / "never").exists()
 
 
 def test_compare_of_a_missing_directory_is_a_clear_error(tmp_path, capsys):

@@ -1,21 +1,92 @@
 """The distillation loop end to end on 2 gloo ranks (tiny CPU recipe): it trains, logs and checkpoints;
 after one rank is killed (SIGKILL) in the middle of a step, rerunning the same command resumes from the
 last checkpoint and gives exactly the losses of an uninterrupted run. Every method of METHOD_NAMES
-trains two steps on one job (one spawn) with finite metrics and a non-zero gradient."""
+trains two steps on one job (one spawn) with finite metrics and a non-zero gradient, and only the TrOPD
+family generates teacher prefixes and carries the guidance term; per method, the recipe as launched
+decides both (checked cheaply on the request builder with a recording teacher)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import types
 
 import pytest
 
+from megatron_tropd import train
 from megatron_tropd.config import METHOD_NAMES
+from megatron_tropd.methods import METHOD_SPECS
 from megatron_tropd.spawn import run_on_ranks
 from recipes import get_recipe
 
-pytestmark = pytest.mark.slow
+# method.md: guidance belongs to the TrOPD family; every other method runs fully on-policy by default
+GUIDED_BY_DEFAULT = {"tropd", "tropd_mask", "tropd_clip", "tropd_aopd"}
+
+
+def _requests_as_launched(monkeypatch, recipe: str, overrides: list[str]):
+    """``trainer._requests`` at step 0 of the recipe as ``train`` builds it, with a teacher that records
+    each generation call and answers with an 8-token response; and the loss terms of a teacher-prefix
+    token and a student token under the run's effective guidance."""
+    from megatron_tropd import losses, trainer
+
+    config = train.build_config(recipe, overrides, {})
+    teacher_calls = []
+
+    def fake_generate(engine, groups, requests, sampling):
+        assert engine == "teacher engine", "only the teacher writes prefixes"
+        teacher_calls.append(list(requests))
+        return [types.SimpleNamespace(generated_token_ids=list(range(8))) for _ in requests]
+
+    monkeypatch.setattr(trainer, "generate_data_parallel", fake_generate)
+    job = types.SimpleNamespace(
+        config=config, teacher_engine="teacher engine", topology=types.SimpleNamespace(teacher=None),
+        eos_token_id=None,
+    )  # fmt: skip
+    prompts = [types.SimpleNamespace(token_ids=(1, 2, 3))] * config.rollout.prompts_per_step
+    requests = trainer._requests(job, 0, prompts)
+    signals = _one_prefix_token(config.method.topk)
+    context = losses.make_method_context(
+        config.method, signals, 0, config.train_steps, guidance=config.guidance_enabled
+    )
+    terms = losses.token_loss(signals, config.method, context).terms
+    return config, teacher_calls, requests, terms
+
+
+def _one_prefix_token(topk: int):
+    import torch
+
+    from megatron_tropd.losses import TokenSignals
+
+    lp, lp_topk, both = torch.full((2,), -1.0), torch.full((2, topk), -3.0), torch.tensor([True, True])
+    return TokenSignals(
+        lp_student=lp.clone().requires_grad_(), lp_student_old=lp, lp_teacher=lp - 0.5,
+        lp_student_topk=lp_topk.clone().requires_grad_(), lp_teacher_topk=lp_topk,
+        entropy_student_old=torch.ones(2), entropy_teacher=torch.ones(2), trust_mask=both,
+        is_teacher_prefix=torch.tensor([True, False]), loss_mask=both,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_recipe_as_launched_prefixes_and_guidance_term_only_for_the_tropd_family(method, monkeypatch):
+    config, teacher_calls, requests, terms = _requests_as_launched(monkeypatch, f"tiny_cpu_{method}", [])
+    guided = method in GUIDED_BY_DEFAULT
+    assert config.rollout.guidance is guided  # resolved to a plain bool, as --print-config shows it
+    assert len(teacher_calls) == int(guided), "the teacher decodes only when guidance is on"
+    assert any(r.prefix_token_ids for r in requests) == guided
+    assert ("guidance" in terms) == guided
+    paper = train.build_config(f"deepseek_math_{method}", [], {}, strict_paths=False)
+    assert paper.rollout.guidance is guided == METHOD_SPECS[method].guidance
+
+
+@pytest.mark.parametrize(("method", "forced"), [("opd", "true"), ("tropd", "false"), ("fkl_outlier", "true")])
+def test_guidance_can_be_forced_either_way_as_an_ablation(method, forced, monkeypatch):
+    config, teacher_calls, requests, terms = _requests_as_launched(
+        monkeypatch, f"tiny_cpu_{method}", [f"rollout.guidance={forced}"]
+    )
+    on = forced == "true"
+    assert config.rollout.guidance is on and len(teacher_calls) == int(on)
+    assert any(r.prefix_token_ids for r in requests) == on and ("guidance" in terms) == on
 
 
 def _config(save_dir, steps):
@@ -53,6 +124,7 @@ def _records(save_dir, steps):
     return [record for records in per_rank for record in records]
 
 
+@pytest.mark.slow
 def test_loop_trains_logs_checkpoints_and_resumes_exactly(tmp_path):
     straight = _records(tmp_path / "straight", 3)
     assert [r["step"] for r in straight] == [0, 1, 2]
@@ -99,9 +171,10 @@ def _method_config(method, train_steps):
     return method_config
 
 
+@pytest.mark.slow
 def test_every_method_trains_two_steps_with_finite_metrics(tmp_path):
     config = _config(tmp_path / "every_method", 4)
-    config.checkpoint.resume = False
+    config.checkpoint.resume = "never"
     per_rank = run_on_ranks(every_method_worker, 2, config, 2)
     reported = per_rank[0]  # rank 0 is the reporting rank (last stage, DP/TP rank 0)
     assert set(reported) == set(METHOD_NAMES)
@@ -113,3 +186,7 @@ def test_every_method_trains_two_steps_with_finite_metrics(tmp_path):
             bad = {k: v for k, v in numeric.items() if not math.isfinite(v)}
             assert not bad, f"{method}: non-finite {bad}"
             assert record["grad_norm"] > 0, method
+        # end to end: only the TrOPD family continues teacher prefixes and has the guidance term
+        guided = method in GUIDED_BY_DEFAULT
+        assert (records[0]["prefix_share"] > 0) == guided, method
+        assert all(("term/guidance" in r) == guided for r in records), method

@@ -5,9 +5,11 @@
 
 Run as is, it spawns TP x PP local gloo/NCCL ranks itself (export uses one); under ``torchrun`` it uses the
 launcher's ranks (a multiple of TP x PP). ``--verify`` runs the HF model (transformers, fp32) and the
-Megatron model on the same fixed tokens and fails (exit 1) when the max |logit difference| exceeds
-``--verify-atol``. Bad input is reported before any rank starts (exit 2). Needs the package importable
-(``pip install -e .`` or ``PYTHONPATH=.``).
+Megatron model on the same fixed tokens and fails (exit 1) when either side produces a non-finite logit
+or the max |logit difference| exceeds ``--verify-atol``. Bad input is reported before any rank starts
+(exit 2); what only the ranks can see (a NaN / inf weight, in the HF tensors as import reads them or in the
+Megatron weights as export writes them) is reported once, by rank 0, also with exit 2. Needs the package
+importable (``pip install -e .`` or ``PYTHONPATH=.``).
 """
 
 from __future__ import annotations
@@ -62,19 +64,35 @@ def _job(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace, world_size: int):
-    """The job's result: on the torchrun ranks when launched so, else on ``world_size`` spawned ranks."""
+    """The job's result (a ``Refusal`` for bad input only the ranks can see): on the torchrun ranks when
+    launched so, else on ``world_size`` spawned ranks."""
+    from megatron_tropd.hf.convert import refusing_bad_input
+
     job, job_args = _job(args)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun / srun
         from megatron_tropd.platform import init_distributed, shutdown_distributed
 
         info = init_distributed()
         try:
-            return job(info.rank, info.world_size, *job_args)
+            return refusing_bad_input(info.rank, info.world_size, job, *job_args)
         finally:
             shutdown_distributed()
     from megatron_tropd.spawn import run_on_ranks
 
-    return run_on_ranks(job, world_size, *job_args)[0]
+    return run_on_ranks(refusing_bad_input, world_size, job, *job_args)[0]
+
+
+def _verify_failures(comparison, atol: float) -> list[str]:
+    """Why the logits check fails; empty when it passes."""
+    failures = [
+        f"the {side} model produced {count} non-finite logit(s) (NaN or inf) over "
+        f"{comparison.num_positions} positions"
+        for side, count in (("HF", comparison.hf_non_finite), ("Megatron", comparison.megatron_non_finite))
+        if count
+    ]
+    if not comparison.max_abs_diff <= atol:  # written so that a NaN difference fails too
+        failures.append(f"max |logit diff| {comparison.max_abs_diff:.3g} exceeds --verify-atol {atol:g}")
+    return failures
 
 
 def _report(comparison, atol: float) -> int:
@@ -82,13 +100,10 @@ def _report(comparison, atol: float) -> int:
         f"max |logit diff| = {comparison.max_abs_diff:.3g} (HF logits std {comparison.logits_std:.3g}); "
         f"top-1 agreement {comparison.top1_agreement:.2%} over {comparison.num_positions} positions"
     )
-    if comparison.max_abs_diff > atol:
-        print(
-            f"FAILED: max |logit diff| {comparison.max_abs_diff:.3g} > --verify-atol {atol:g}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    failures = _verify_failures(comparison, atol)
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,8 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from megatron_tropd.hf.convert import Refusal
+
     comparison = _run(args, world_size)
-    if int(os.environ.get("RANK", "0")) != 0:
+    rank = int(os.environ.get("RANK", "0"))
+    if isinstance(comparison, Refusal):  # every rank refused the same input: rank 0 reports it
+        if rank == 0:
+            print(f"error: {comparison.message}", file=sys.stderr)
+        return 2
+    if rank != 0:
         return 0  # under torchrun every rank returns the same result: rank 0 reports it
     print(f"wrote {args.out}")
     return _report(comparison, args.verify_atol) if comparison is not None else 0

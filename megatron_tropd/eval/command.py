@@ -14,6 +14,7 @@ rank starts.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="directory the report is written into")
     parser.add_argument("--run-name", default=None, help="the run's name in the report (default: checkpoint)")
     parser.add_argument("--chat-template", default="auto", help="'auto', 'none' or a Jinja template string")
+    parser.add_argument(
+        "--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
+        help='extra chat-template variables, e.g. \'{"enable_thinking": false}\' (data.chat_template_kwargs)',
+    )  # fmt: skip
     parser.add_argument("--raw-prompts", action="store_true", help="no answer-format instruction appended")
     parser.add_argument("--max-prompts", type=int, default=0, help="first N items per benchmark (0 = all)")
     parser.add_argument("--max-batch-size", type=int, default=64, help="rows decoded at once per replica")
@@ -50,6 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _json_object(text: str) -> dict:
+    """``--chat-template-kwargs``: a JSON object (argparse reports an ArgumentTypeError as a usage error)."""
+    from megatron_tropd.data import check_template_kwargs
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        example = '{"enable_thinking": false}'
+        message = f"not JSON ({error.msg}): give an object such as '{example}'"
+        raise argparse.ArgumentTypeError(message) from None
+    try:
+        return check_template_kwargs(value, "--chat-template-kwargs")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _evaluation_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of ``evaluate_checkpoint`` (picklable, for spawned ranks)."""
     return {
@@ -60,6 +81,7 @@ def _evaluation_options(args: argparse.Namespace) -> dict:
         "tensor_parallel": args.tp,
         "pipeline_parallel": args.pp,
         "chat_template": args.chat_template,
+        "chat_template_kwargs": args.chat_template_kwargs,
         "raw_prompts": args.raw_prompts,
         "max_prompts": args.max_prompts,
         "run_name": args.run_name,
@@ -93,7 +115,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
     options = _evaluation_options(args)
     prepare_evaluation(
         args.checkpoint, args.tokenizer, args.benchmarks, names=options["names"],
-        max_new_tokens=args.max_new_tokens, chat_template=args.chat_template, raw_prompts=args.raw_prompts,
+        max_new_tokens=args.max_new_tokens, chat_template=args.chat_template,
+        chat_template_kwargs=args.chat_template_kwargs, raw_prompts=args.raw_prompts,
         max_prompts=args.max_prompts, world_size=_world_size(args), tensor_parallel=args.tp,
         pipeline_parallel=args.pp,
     )  # fmt: skip

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tropd.checkpoint import CheckpointError, read_weights_config
-from megatron_tropd.data import Tokenizer
-from megatron_tropd.data import render_prompt as apply_chat_template
+from megatron_tropd.data import Tokenizer, encode_prompt
 from megatron_tropd.eval.schema import Benchmark, load_benchmarks
 from megatron_tropd.eval.scoring import EvalReport, Generate, evaluate, render_prompt
 from megatron_tropd.model_config import ModelConfig
@@ -51,19 +50,19 @@ def check_prompt_lengths(
     tokenizer: Tokenizer,
     *,
     chat_template: str,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
     raw_prompts: bool,
     max_new_tokens: int,
     context_length: int,
 ) -> None:
-    """Refuse a prompt whose tokens plus ``max_new_tokens`` exceed the model's context, naming it."""
+    """Refuse a prompt whose tokens (chat template applied, as ``TextGenerator`` sends it) plus
+    ``max_new_tokens`` exceed the model's context, naming it."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     for benchmark in benchmarks:
         for item in benchmark.items:
-            text = apply_chat_template(
-                render_prompt(item, benchmark.family, raw_prompts), chat_template, tokenizer
-            )
-            length = len(tokenizer.encode(text))
+            text = render_prompt(item, benchmark.family, raw_prompts)
+            length = len(encode_prompt(text, chat_template, tokenizer, chat_template_kwargs))
             if length + max_new_tokens > context_length:
                 raise ValueError(
                     f"benchmark {benchmark.name!r} item {item.id!r}: the prompt has {length} tokens and "
@@ -73,6 +72,30 @@ def check_prompt_lengths(
                 )
 
 
+_BENCHMARKS_FIX = (
+    "point --benchmarks (tropd eval) or eval.benchmarks (a training run) at the directory "
+    "tools/prepare_benchmarks.py --out DIR writes"
+)
+
+
+def _read_benchmarks(benchmarks_dir: str | os.PathLike, names: Sequence[str] | None) -> list[Benchmark]:
+    """``load_benchmarks``, with a missing directory, manifest or listed file refused as bad input
+    (``ValueError`` naming the path) rather than surfacing as an ``OSError`` from deep in the reader."""
+    directory = Path(benchmarks_dir)
+    manifest = directory / "benchmarks.json"
+    if not directory.is_dir():
+        raise ValueError(f"benchmarks directory {directory} does not exist: {_BENCHMARKS_FIX}")
+    if not manifest.is_file():
+        raise ValueError(f"{manifest} does not exist ({directory} holds no benchmarks): {_BENCHMARKS_FIX}")
+    try:
+        return load_benchmarks(directory, list(names) if names else None)
+    except FileNotFoundError as error:  # a benchmark file the manifest lists
+        raise ValueError(
+            f"benchmark file {error.filename}, listed in {manifest}, does not exist: restore it, or run "
+            f"tools/prepare_benchmarks.py --out {directory} again, or {_BENCHMARKS_FIX}"
+        ) from None
+
+
 def load_checked_benchmarks(
     benchmarks_dir: str | os.PathLike,
     names: Sequence[str] | None,
@@ -80,16 +103,17 @@ def load_checked_benchmarks(
     tokenizer: Tokenizer,
     *,
     chat_template: str,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
     raw_prompts: bool,
     max_new_tokens: int,
     context_length: int,
 ) -> list[Benchmark]:
     """The benchmarks of ``benchmarks_dir`` (``names`` or all), cut to ``max_prompts`` items each, with
     every prompt checked to fit the context (``check_prompt_lengths``)."""
-    benchmarks = limit_prompts(load_benchmarks(benchmarks_dir, list(names) if names else None), max_prompts)
+    benchmarks = limit_prompts(_read_benchmarks(benchmarks_dir, names), max_prompts)
     check_prompt_lengths(
-        benchmarks, tokenizer, chat_template=chat_template, raw_prompts=raw_prompts,
-        max_new_tokens=max_new_tokens, context_length=context_length,
+        benchmarks, tokenizer, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
+        raw_prompts=raw_prompts, max_new_tokens=max_new_tokens, context_length=context_length,
     )  # fmt: skip
     return benchmarks
 
@@ -112,6 +136,7 @@ def prepare_evaluation(
     names: Sequence[str] | None = None,
     max_new_tokens: int,
     chat_template: str = "auto",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
     raw_prompts: bool = False,
     max_prompts: int = 0,
     model_config: ModelConfig | None = None,
@@ -127,8 +152,9 @@ def prepare_evaluation(
         ParallelLayout(tensor_parallel, pipeline_parallel).data_parallel(world_size, "evaluated model")
     tokenizer = Tokenizer(str(tokenizer_path))
     benchmarks = load_checked_benchmarks(
-        benchmarks_dir, names, max_prompts, tokenizer, chat_template=chat_template, raw_prompts=raw_prompts,
-        max_new_tokens=max_new_tokens, context_length=model_config.max_position_embeddings,
+        benchmarks_dir, names, max_prompts, tokenizer, chat_template=chat_template,
+        chat_template_kwargs=chat_template_kwargs, raw_prompts=raw_prompts, max_new_tokens=max_new_tokens,
+        context_length=model_config.max_position_embeddings,
     )  # fmt: skip
     return PreparedEvaluation(directory, model_config, tokenizer, benchmarks)
 
@@ -185,6 +211,7 @@ def build_generate(
     *,
     max_new_tokens: int,
     chat_template: str = "auto",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     seed: int = 0,
     decoder: str = "auto",
@@ -197,8 +224,9 @@ def build_generate(
         model, groups, model_config.vocab_size, model_config.max_position_embeddings, max_batch_size, decoder
     )
     generator = TextGenerator(
-        engine, tokenizer, groups, max_new_tokens=max_new_tokens, chat_template=chat_template, seed=seed
-    )
+        engine, tokenizer, groups, max_new_tokens=max_new_tokens, chat_template=chat_template,
+        chat_template_kwargs=chat_template_kwargs, seed=seed,
+    )  # fmt: skip
     return pad_for_data_parallel(generator, groups.data_parallel)
 
 
@@ -242,6 +270,7 @@ def evaluate_checkpoint(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     chat_template: str = "auto",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
     raw_prompts: bool = False,
     max_prompts: int = 0,
     run_name: str | None = None,
@@ -260,8 +289,9 @@ def evaluate_checkpoint(
     _require_distributed()
     prepared = _on_every_rank(
         prepare_evaluation, checkpoint, tokenizer_path, benchmarks_dir, names=names,
-        max_new_tokens=max_new_tokens, chat_template=chat_template, raw_prompts=raw_prompts,
-        max_prompts=max_prompts, model_config=model_config, world_size=dist.get_world_size(),
+        max_new_tokens=max_new_tokens, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
+        raw_prompts=raw_prompts, max_prompts=max_prompts, model_config=model_config,
+        world_size=dist.get_world_size(),
         tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
     )  # fmt: skip
     model, groups = load_model(
@@ -270,7 +300,8 @@ def evaluate_checkpoint(
     )  # fmt: skip
     generate = build_generate(
         model, groups, prepared.tokenizer, prepared.model_config, max_new_tokens=max_new_tokens,
-        chat_template=chat_template, max_batch_size=max_batch_size, seed=seed, decoder=decoder,
+        chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, max_batch_size=max_batch_size,
+        seed=seed, decoder=decoder,
     )  # fmt: skip
     run = run_name or prepared.directory.name
     return evaluate(prepared.benchmarks, generate, k, temperature, run=run, raw_prompts=raw_prompts)

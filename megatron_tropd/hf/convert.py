@@ -10,6 +10,9 @@ Export (``megatron_to_hf``) loads any Megatron weights (conversion output, ``sav
 root) into a TP1 x PP1 model and writes sharded safetensors plus ``model.safetensors.index.json`` and a
 ``config.json`` that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
+A NaN or inf weight is refused naming the tensor: on import as each rank reads its HF tensors, on export
+as each HF tensor is written (an overflow of the export dtype included).
+
 Both write into a hidden sibling directory and rename it into place at the end: an output directory is
 complete or absent. An existing output is refused unless ``force``; then it is replaced only once the new one
 is complete. Both are collective over the default process group (gloo or NCCL); ``import_job`` /
@@ -33,6 +36,7 @@ import torch.distributed as dist
 
 from megatron_tropd.checkpoint import (
     CHECKPOINT_METADATA,
+    CheckpointError,
     _on_rank0,  # rank-0 decisions raised on every rank: the same contract as checkpoint saves
     latest_checkpoint,
     load_model_weights,
@@ -54,6 +58,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
     "HfCheckpoint",
+    "Refusal",
     "check_export_inputs",
     "check_import_inputs",
     "LogitsComparison",
@@ -65,6 +70,7 @@ __all__ = [
     "prompt_tokens",
     "read_hf_checkpoint",
     "read_megatron_config",
+    "refusing_bad_input",
 ]
 
 HF_CONFIG = "config.json"
@@ -88,6 +94,8 @@ SIDE_FILES = (
 )
 """Files copied unchanged from the source to the output in both directions (those that exist)."""
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size for save_pretrained
+_FINITE_CHECK_CHUNK = 1 << 24
+"""Elements per ``isfinite`` pass: bounds the temporary mask that checking a vocabulary-sized tensor needs."""
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -115,6 +123,15 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
             return json.load(handle)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}): re-download or re-save it") from None
+
+
+def _non_finite_count(tensor: torch.Tensor) -> int:
+    """How many entries of ``tensor`` are NaN or +-inf (0 for integer tensors)."""
+    if not tensor.is_floating_point():
+        return 0
+    flat = tensor.reshape(-1)
+    chunks = range(0, flat.numel(), _FINITE_CHECK_CHUNK)
+    return sum(int((~torch.isfinite(flat[i : i + _FINITE_CHECK_CHUNK])).sum()) for i in chunks)
 
 
 def _file_tensor_names(path: Path) -> set[str]:
@@ -324,9 +341,19 @@ class _ShardReader:
         if path not in self._handles:
             self._handles[path] = safe_open(str(path), framework="pt")
         try:
-            return self._handles[path].get_tensor(name)
+            tensor = self._handles[path].get_tensor(name)
         except Exception as exc:
             raise ValueError(f"cannot read {name!r} from {path} ({exc}): the shard is corrupt") from None
+        # Checked here, where each rank reads its own stage's tensors anyway: a scan before the ranks
+        # start would read the whole checkpoint a second time.
+        bad = _non_finite_count(tensor)
+        if bad:
+            raise ValueError(
+                f"HF tensor {name!r} in {path} has {bad} non-finite value(s) (NaN or inf) of "
+                f"{tensor.numel()}: the checkpoint is corrupt or was saved from a diverged run; re-download "
+                "it or convert an earlier checkpoint"
+            )
+        return tensor
 
 
 @torch.no_grad()
@@ -448,7 +475,26 @@ def _hf_tensors(model, config: ModelConfig, dtype: torch.dtype):
 def _named_hf(mapping: TensorMapping, pieces, layer: int | None, config: ModelConfig, dtype: torch.dtype):
     full = _global_tensor(pieces[(mapping.megatron_key, () if layer is None else (layer,))])
     for name, tensor in zip(hf_names(mapping, layer), hf_from_megatron(mapping, full, config), strict=True):
-        yield name, tensor.to(dtype).contiguous()
+        yield name, _finite_export(name, mapping.megatron_key, tensor, dtype)
+
+
+def _finite_export(name: str, megatron_key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in the export dtype; a non-finite value (in the checkpoint, or an overflow of ``dtype``)
+    is refused naming the tensor, so that no HF checkpoint that computes NaN is ever published."""
+    exported = tensor.to(dtype).contiguous()
+    if not _non_finite_count(exported):
+        return exported
+    in_source = _non_finite_count(tensor)
+    where = f"{name!r} (Megatron {megatron_key!r})"
+    if in_source:
+        raise CheckpointError(
+            f"{where} has {in_source} non-finite value(s) (NaN or inf) of {tensor.numel()} in the "
+            "checkpoint: the weights are corrupt or come from a diverged run; export an earlier checkpoint"
+        )
+    raise CheckpointError(
+        f"{where}: {_non_finite_count(exported)} value(s) overflow {dtype} to inf; export with "
+        "--dtype float32 or --dtype bfloat16"
+    )
 
 
 def _write_safetensors_shards(named_tensors, directory: Path, max_shard_bytes: int) -> None:
@@ -549,6 +595,10 @@ class LogitsComparison:
     logits_std: float
     """Std of the HF logits: the scale ``max_abs_diff`` is to be read against."""
     num_positions: int
+    hf_non_finite: int = 0
+    """NaN / inf entries in the HF model's logits."""
+    megatron_non_finite: int = 0
+    """NaN / inf entries in the Megatron model's logits."""
 
 
 def prompt_tokens(vocab_size: int, batch: int = 2, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
@@ -594,6 +644,8 @@ def _compare_with_hf(hf_dir: Path, tokens: torch.Tensor, megatron: torch.Tensor)
         top1_agreement=(reference.argmax(-1) == megatron.argmax(-1)).float().mean().item(),
         logits_std=reference.std().item(),
         num_positions=tokens.numel(),
+        hf_non_finite=_non_finite_count(reference),
+        megatron_non_finite=_non_finite_count(megatron),
     )
 
 
@@ -631,6 +683,25 @@ def compare_logits(
 # ---------------------------------------------------------------------------------------------------------
 # Per-rank entry points (spawned by tools/convert.py, or run under torchrun)
 # ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A job's bad-input error, returned instead of raised: a spawned rank hands its parent only the
+    traceback of an exception, and the command line must tell bad input (exit 2) from a crash."""
+
+    message: str
+
+
+def refusing_bad_input(rank: int, world_size: int, job, *job_args: Any) -> Any:
+    """``job(rank, world_size, *job_args)``, or a ``Refusal`` when it raises ``ValueError`` (bad input).
+
+    The conversion's collective checks raise the same error on every rank, naming the rank that found it,
+    so rank 0's ``Refusal`` speaks for the job."""
+    try:
+        return job(rank, world_size, *job_args)
+    except ValueError as exc:  # CheckpointError included
+        return Refusal(str(exc))
 
 
 def import_job(
