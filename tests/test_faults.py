@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +142,62 @@ def test_damaged_shard_is_refused_then_the_previous_step_resumes(tmp_path):
     assert [record["step"] for record in records if "loss" in record] == [0, 1, 2, 3]
     assert len(list(checkpoints.glob("damaged-step-0000003-*"))) == 1  # kept aside, not deleted
     assert (checkpoints / "latest").read_text().strip() == "step-0000004"
+
+
+# --- A killed launcher takes its workers down --------------------------------------------------------------
+
+
+def _children(pid):
+    """PIDs whose parent is ``pid`` (from /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait(condition, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux-only")
+def test_killing_torchrun_process_group_kills_its_workers(tmp_path):
+    """torchrun's workers run in their own sessions, so a kill of torchrun's process group misses them;
+    the parent-death signal each rank sets at start takes them down with it."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_tropd.train",
+        "--recipe", "tiny_cpu", "train_steps=100000", f"checkpoint.save_dir={tmp_path}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(command, start_new_session=True, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+    workers = []
+    try:
+        training = _wait(lambda: (tmp_path / "metrics.jsonl").exists(), 120)
+        workers = [pid for pid in _children(launcher.pid) if _alive(pid)]
+        assert training and len(workers) == 2, f"workers {workers}, training {training}"
+        assert all(os.getpgid(pid) != launcher.pid for pid in workers)  # outside the launcher's group
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=30)
+        assert _wait(lambda: not any(_alive(pid) for pid in workers), 30), "workers outlived torchrun"
+    finally:
+        for pid in [launcher.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
