@@ -7,7 +7,8 @@
 #   sbatch slurm/tropd_8node.sh [key=value ...]                       # or: bash slurm/tropd_8node.sh ...
 #
 # Optional: CONTAINER_IMAGE (pyxis/enroot) with CONTAINER_MOUNTS (comma-separated src:dst), TROPD_PYTHON,
-# TROPD_CODE_DIR (the repository; default: where sbatch was called), TROPD_SITE_ENV (sourced by env.sh).
+# TROPD_CODE_DIR (the repository; default: where sbatch was called), TROPD_SITE_ENV (sourced by env.sh),
+# TROPD_EXIT_WAIT_S (how long the step outlives its first exited rank; default 120).
 #
 # Signals and requeue (the contract of megatron_tropd.signals): on SIGUSR1 or SIGTERM each rank finishes
 # its step, saves a checkpoint and exits with status 75; the requeued job resumes from that checkpoint
@@ -122,7 +123,9 @@ launch_ranks() {
     local flags=()
     mapfile -t flags < <(container_flags)
     mkdir -p "$TROPD_RUN_DIR/logs"
-    srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node="$SLURM_NTASKS_PER_NODE" \
+    # Not --kill-on-bad-exit: a rank that exits 75 after the save would get the others killed while they
+    # finish theirs. --wait ends the step that long after the first rank exits (a crashed rank's peers).
+    srun --kill-on-bad-exit=0 --wait="${TROPD_EXIT_WAIT_S:-120}" --nodes="$SLURM_NNODES" --ntasks-per-node="$SLURM_NTASKS_PER_NODE" \
         --chdir="$TROPD_CODE_DIR" --output="$TROPD_RUN_DIR/logs/$SLURM_JOB_ID.rank%t.log" --open-mode=append \
         "${flags[@]}" \
         bash -c "$RANK_COMMAND" tropd-rank "$@" &
