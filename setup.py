@@ -34,6 +34,7 @@ setup(
         "tokenizers",  # data: Hugging Face tokenizer.json files
         "safetensors",  # hf: streaming HF checkpoints tensor by tensor
         "xxhash",  # checkpoint: the file manifest's fast content hash (XXH3-128)
+        "tensorboard",  # logging.tensorboard is on by default; torch.utils.tensorboard needs this package
     ],
     extras_require={
         # nemo-run is in dev too so CI tests the launcher (recipes/launch.py) and its sbatch golden file.

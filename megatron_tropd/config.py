@@ -474,13 +474,44 @@ class LoggingConfig:
     """Log every this many steps."""
 
     tensorboard: bool = True
-    """Write TensorBoard event files under ``save_dir/tensorboard`` (when tensorboard is installed)."""
+    """Write TensorBoard event files under ``checkpoint.save_dir/tensorboard`` (a warning says so when
+    tensorboard cannot be imported)."""
 
     wandb_project: str = ""
     """Weights & Biases project (empty = off)."""
 
+    wandb_name: str = ""
+    """W&B run name (empty = the run's ``name``)."""
+
+    wandb_entity: str = ""
+    """W&B team or user that owns the project (empty = the account's default entity)."""
+
+    wandb_tags: tuple[str, ...] = ()
+    """W&B tags of the run, e.g. ``logging.wandb_tags='["tropd", "qwen3-1.7b"]'``."""
+
     def validate(self) -> None:
         _check_int("logging.log_interval", self.log_interval, 1, "steps between log lines")
+        for name in ("wandb_project", "wandb_name", "wandb_entity"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"logging.{name} must be a string; got {getattr(self, name)!r}")
+        self._check_wandb_tags()
+        if not self.wandb_project and (unused := self._wandb_fields_set()):
+            raise ValueError(
+                f"{', '.join(unused)} set but logging.wandb_project is empty, so W&B is off: "
+                "set logging.wandb_project=<project> or clear them"
+            )
+
+    def _check_wandb_tags(self) -> None:
+        tags = self.wandb_tags
+        if not isinstance(tags, (tuple, list)) or not all(isinstance(t, str) and t.strip() for t in tags):
+            raise ValueError(
+                f"logging.wandb_tags must be a list of non-empty strings, e.g. "
+                f'logging.wandb_tags=\'["tropd", "ablation"]\'; got {tags!r}'
+            )
+
+    def _wandb_fields_set(self) -> list[str]:
+        names = [name for name in ("wandb_name", "wandb_entity", "wandb_tags") if getattr(self, name)]
+        return [f"logging.{name}" for name in names]
 
 
 @dataclass

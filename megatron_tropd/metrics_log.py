@@ -1,7 +1,8 @@
 """Step and evaluation metrics of a run, written by its reporting rank.
 
-Every record goes to ``run_dir/metrics.jsonl``, to TensorBoard (``logging.tensorboard``, when installed)
-and to Weights & Biases (``logging.wandb_project``); the console gets a progress bar when stdout is a
+Every record goes to ``run_dir/metrics.jsonl``, to TensorBoard (``logging.tensorboard``, event files in
+``run_dir/tensorboard``; one warning when it cannot start) and to Weights & Biases (``logging.wandb_project``,
+with ``wandb_name``, ``wandb_entity`` and ``wandb_tags``); the console gets a progress bar when stdout is a
 terminal, else a log line every ``logging.log_interval`` steps. Evaluation scores are keys ``eval/<name>``
 of any record, or records of their own (``write_eval``); they are plotted like every other number.
 
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 EVAL_PREFIX = "eval/"
 # The run's W&B id, kept in the run directory so that a resumed job continues the same W&B run.
 WANDB_ID_FILE = "wandb_id"
+# Sinks already warned about in this process: a missing sink is said once, not once per run.
+_WARNED: set[str] = set()
 LINE_KEYS = ("loss", "trust_fraction", "p_trust", "teacher_topk_mass", "grad_norm", "response_length")
 BAR_KEYS = ("loss", "trust_fraction", "response_length")
 
@@ -119,13 +122,35 @@ def _wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
+def _warn_once(key: str, message: str, *args: Any) -> None:
+    """``logger.warning`` the first time ``key`` comes up in this process (which may hold several runs)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning(message, *args)
+
+
 def _tensorboard_writer(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        logger.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+    except ImportError as error:
+        _warn_once(
+            "tensorboard",
+            "logging.tensorboard is on but TensorBoard cannot start (%s): metrics go to metrics.jsonl only. "
+            "Install it (`pip install tensorboard`, a dependency of megatron-tropd) or set "
+            "logging.tensorboard=false",
+            error,
+        )
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _wandb_init(wandb, run_dir: Path, logging_config: LoggingConfig, run_name: str, config_dict: dict | None):
+    """Start (or, with the id kept in ``run_dir``, continue) the run's W&B run."""
+    return wandb.init(
+        project=logging_config.wandb_project, entity=logging_config.wandb_entity or None,
+        name=logging_config.wandb_name or run_name or None, tags=list(logging_config.wandb_tags) or None,
+        dir=str(run_dir), config=config_dict or {}, resume="allow", id=_wandb_run_id(run_dir),
+    )  # fmt: skip
 
 
 class MetricsLog:
@@ -153,6 +178,8 @@ class MetricsLog:
         wandb = import_wandb() if logging_config.wandb_project else None
         if not active:
             return
+        # The reporting rank can be a later pipeline stage, whose other INFO lines configure_console hides.
+        logger.setLevel(logging.INFO)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if start_step > 0:
             drop_rerun_rows(self.run_dir / "metrics.jsonl", start_step)
@@ -160,10 +187,7 @@ class MetricsLog:
         if logging_config.tensorboard:
             self.writer = _tensorboard_writer(self.run_dir)
         if wandb is not None:
-            self.wandb_run = wandb.init(
-                project=logging_config.wandb_project, name=run_name or None, dir=str(self.run_dir),
-                config=config_dict or {}, resume="allow", id=_wandb_run_id(self.run_dir),
-            )  # fmt: skip
+            self.wandb_run = _wandb_init(wandb, self.run_dir, logging_config, run_name, config_dict)
         if progress_bar if progress_bar is not None else sys.stdout.isatty():
             self.bar = self._progress_bar(run_name, start_step)
 

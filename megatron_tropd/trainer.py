@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron_tropd import run_lock
 from megatron_tropd.batch import RolloutBatch
 from megatron_tropd.config import CheckpointConfig, RunConfig
+from megatron_tropd.console import configure_console
 from megatron_tropd.data import Prompt, PromptSampler, Tokenizer, load_run_prompts, run_tokenizer
 from megatron_tropd.guidance import draw_prefix_lengths, guided_samples_per_prompt, max_prefix_length
 from megatron_tropd.metrics_log import MetricsLog
@@ -346,8 +347,7 @@ def run(config: RunConfig) -> list[dict]:
     """
     from megatron_tropd.platform import shutdown_distributed
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # per-parameter listings at INFO
+    configure_console()  # rank 0's INFO lines; python -m megatron_tropd.train has called it already
     stop = StopRequest()  # before the models exist: a signal during set-up waits for the first step
     lock = run_lock.take(config.checkpoint.save_dir)  # rank 0: refuse a second live job on this root
     job, loop_state = setup(config)

@@ -1,6 +1,7 @@
 """MetricsLog: every record (step and evaluation) reaches metrics.jsonl, TensorBoard and W&B; the console
 gets a line every log_interval steps or a progress bar; a configured W&B project without wandb fails at
-construction, and a resumed run keeps its W&B id."""
+construction, wandb.init gets the configured name, entity and tags, a resumed run keeps its W&B id, and
+TensorBoard that cannot start is said once, with the fix."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import types
 
 import pytest
 
+from megatron_tropd import metrics_log
 from megatron_tropd.config import LoggingConfig
 from megatron_tropd.metrics_log import WANDB_ID_FILE, MetricsLog
 
@@ -104,6 +106,29 @@ def test_tensorboard_gets_step_and_eval_scalars(tmp_path):
     assert [(e.step, e.value) for e in accumulator.Scalars("eval/avg@4")] == [(1, 0.5)]
 
 
+def test_missing_tensorboard_warns_once_with_the_fix(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import raises ImportError
+    monkeypatch.setattr(metrics_log, "_WARNED", set())
+    with caplog.at_level(logging.WARNING, logger="megatron_tropd.metrics_log"):
+        for run in ("a", "b"):  # two runs in one process (the demo's, a sweep's): one warning
+            log = _log(tmp_path / run, tensorboard=True)
+            log.write(_record(0))
+            log.close()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "pip install tensorboard" in message and "logging.tensorboard=false" in message
+    assert not (tmp_path / "a" / "tensorboard").exists() and len(_jsonl(tmp_path / "a")) == 1
+
+
+def test_tensorboard_off_says_nothing(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setattr(metrics_log, "_WARNED", set())
+    with caplog.at_level(logging.WARNING, logger="megatron_tropd.metrics_log"):
+        _log(tmp_path, tensorboard=False).close()
+    assert not caplog.records
+
+
 class _FakeRun:
     def __init__(self, calls):
         self.calls = calls
@@ -140,8 +165,8 @@ def test_wandb_calls_and_a_stable_resume_id(tmp_path, monkeypatch):
     run_id = (tmp_path / WANDB_ID_FILE).read_text().strip()
     assert calls[0] == (
         "init",
-        {"project": "tropd-tests", "name": "unit", "dir": str(tmp_path), "config": {"seed": 1},
-         "resume": "allow", "id": run_id},
+        {"project": "tropd-tests", "entity": None, "name": "unit", "tags": None, "dir": str(tmp_path),
+         "config": {"seed": 1}, "resume": "allow", "id": run_id},
     )  # fmt: skip
     assert calls[1] == ("log", {"loss": 1.0, "trust_fraction": 0.9, "grad_norm": 0.5}, 0)
     assert calls[2:] == [("log", {"eval/avg@4": 0.5}, 1), ("finish",)]
@@ -150,6 +175,25 @@ def test_wandb_calls_and_a_stable_resume_id(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", _fake_wandb(resumed_calls))
     MetricsLog(tmp_path, logging_config, active=True, total_steps=2, progress_bar=False).close()
     assert resumed_calls[0][1]["id"] == run_id
+
+
+def test_wandb_init_gets_the_configured_name_entity_and_tags(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "wandb", _fake_wandb(calls))
+    logging_config = LoggingConfig(
+        tensorboard=False, wandb_project="tropd-tests", wandb_name="qwen-tropd-lr1e-6",
+        wandb_entity="my-team", wandb_tags=("tropd", "ablation"),
+    )  # fmt: skip
+    MetricsLog(
+        tmp_path, logging_config, active=True, total_steps=2, run_name="unit", progress_bar=False
+    ).close()
+    init = calls[0][1]
+    assert (init["name"], init["entity"], init["tags"]) == (
+        "qwen-tropd-lr1e-6",
+        "my-team",
+        ["tropd", "ablation"],
+    )
+    assert init["project"] == "tropd-tests" and init["resume"] == "allow"
 
 
 @pytest.mark.parametrize("active", [True, False])

@@ -19,6 +19,7 @@ import torch
 
 from megatron_tropd.batch import RolloutBatch
 from megatron_tropd.config import OptimConfig
+from megatron_tropd.console import configure_console
 from megatron_tropd.data import Tokenizer
 from megatron_tropd.demo.task import make_problem, noisy_response, teacher_response
 from megatron_tropd.model_config import ModelConfig
@@ -74,14 +75,9 @@ def _step_pairs(spec: PretrainSpec, step: int) -> list[tuple[str, str]]:
 
 
 def quiet_worker() -> None:
-    """Log progress lines, and hide the import-time notices about optional packages (apex,
-    transformer-engine) and deprecations inside torch.distributed that a demo user cannot act on."""
-    import warnings
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    """Log progress lines from rank 0 and hide the dependency warnings a demo user cannot act on
+    (``console.configure_console``). Call it before Megatron is imported: most of them fire at import."""
+    configure_console(fmt="%(asctime)s %(message)s")
 
 
 def _train_one(spec: PretrainSpec, groups, tokenizer: Tokenizer, out: Path, rank: int) -> tuple[object, list]:
@@ -139,12 +135,12 @@ def pretrain(
 ) -> list[dict]:  # fmt: skip
     """Train each spec on every rank (data parallel), save its weights, and measure its held-out
     accuracy; returns ``{"name", "log", "accuracy"}`` per spec (the logs on rank 0)."""
+    quiet_worker()
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_tropd.platform import enable_cpu_mode, set_seed
     from megatron_tropd.topology import ParallelLayout, build_topology
 
-    quiet_worker()
     enable_cpu_mode()
     layout = ParallelLayout(1, 1)
     groups = build_topology(layout, layout).student

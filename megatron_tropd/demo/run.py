@@ -157,9 +157,10 @@ def distill_config(method: str, files: DemoFiles, size: DemoSize, seed: int) -> 
 
 def _distill_worker(rank: int, world_size: int, config: RunConfig) -> list[dict]:
     from megatron_tropd.demo.pretrain import quiet_worker
+
+    quiet_worker()  # before the trainer imports Megatron
     from megatron_tropd.trainer import run
 
-    quiet_worker()
     return run(config)
 
 

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from megatron_tropd.config import DECODERS
+from megatron_tropd.console import configure_console
 
 logger = logging.getLogger("evaluate")
 
@@ -171,7 +172,8 @@ def compare(directories: list[str], out_dir: str | Path) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     """Returns the exit status: 0 done, 2 bad input."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Rank 0's INFO lines only. --compare reads result files: no torch to ask about CUDA.
+    configure_console(fmt="%(levelname)s %(name)s: %(message)s", cuda=False if args.compare else None)
     try:
         if args.compare:
             paths = compare(args.compare, args.out)

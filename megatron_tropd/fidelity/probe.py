@@ -82,10 +82,12 @@ def probe_worker(
     tokenizer_path: str, prompts_path: str, num_prompts: int, max_new_tokens: int, topk: int, seed: int,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Probe every student of ``students`` (name -> weights or run directory) against the teacher."""
+    from megatron_tropd.demo.pretrain import quiet_worker
+
+    quiet_worker()  # before Megatron is imported
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_tropd.data import Tokenizer
-    from megatron_tropd.demo.pretrain import quiet_worker
     from megatron_tropd.platform import enable_cpu_mode, set_seed
     from megatron_tropd.rollout.engine import GenerationRequest, SamplingParams
     from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
@@ -93,7 +95,6 @@ def probe_worker(
     from megatron_tropd.teacher import build_teacher, data_parallel_rows
     from megatron_tropd.topology import ParallelLayout, build_topology
 
-    quiet_worker()
     enable_cpu_mode()
     layout = ParallelLayout(1, 1)
     groups = build_topology(layout, layout).student
