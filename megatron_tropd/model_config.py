@@ -24,6 +24,12 @@ _MEGATRON_LLAMA3_FIXED = {
     "original_max_position_embeddings": 8192,
 }
 
+# What transformers reads for a config.json that omits these fields (read in transformers 5.24's sources):
+# ``RotaryEmbeddingConfigMixin.default_theta`` for all three architectures, and ``Qwen3Config.head_dim =
+# 128``, where Qwen2 and Llama derive hidden / heads instead.
+_HF_DEFAULT_ROPE_THETA = 10000.0
+_HF_DEFAULT_HEAD_DIM = {"qwen3": 128}
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Configuration
@@ -267,7 +273,8 @@ class ModelConfig:
     def from_hf_config(cls, hf_config: dict[str, Any]) -> ModelConfig:
         """Map a Hugging Face ``config.json`` dict (Qwen2/Qwen3/Llama ForCausalLM) onto a ``ModelConfig``.
 
-        Reads ``rope_theta``/``rope_scaling`` (transformers 4.x) or ``rope_parameters`` (transformers 5).
+        Reads ``rope_theta``/``rope_scaling`` (transformers 4.x) or ``rope_parameters`` (transformers 5); a
+        missing ``rope_theta`` or ``head_dim`` takes transformers' default, so both build the same model.
         Features we cannot express (sliding-window attention, o_proj/MLP biases, non-silu activations, rope
         types other than llama3) raise ``ValueError`` rather than being silently dropped.
         """
@@ -285,7 +292,7 @@ class ModelConfig:
             max_position_embeddings=_hf_key(hf_config, "max_position_embeddings"),
             rotary_base=float(theta),
             norm_epsilon=float(hf_config.get("rms_norm_eps", 1e-6)),  # transformers' default for all three
-            head_dim=hf_config.get("head_dim"),
+            head_dim=hf_config.get("head_dim", _HF_DEFAULT_HEAD_DIM.get(architecture)),
             rope_scaling=scaling,
             add_qkv_bias=architecture == "qwen2",  # Qwen2 attention always has q/k/v biases
             qk_layernorm=architecture == "qwen3",
@@ -314,13 +321,33 @@ class ModelConfig:
             "hidden_act": "silu",
             "initializer_range": self.init_method_std,
         }
-        if self.head_dim is not None:
-            hf["head_dim"] = self.head_dim
+        if self.head_dim is not None or self.architecture in _HF_DEFAULT_HEAD_DIM:
+            hf["head_dim"] = self.kv_channels  # a Qwen3 config.json without it means 128, not hidden / heads
         if self.rope_scaling is not None:
             hf["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
         if self.architecture != "qwen2":
             hf["attention_bias"] = False
         return hf
+
+
+def require_megatron_rope(scaling: Llama3RopeScaling | None) -> None:
+    """Raise ``ValueError`` if Megatron-Core cannot build ``scaling`` exactly.
+
+    Megatron-Core (0.16-0.19) implements HF's "llama3" scaling formula exactly, but ``GPTModel`` forwards
+    only ``rope_scaling_factor``: the other three parameters are fixed inside
+    ``RotaryEmbedding._apply_scaling``. Llama 3.1/3.2/3.3 use exactly those; anything else would silently
+    get the wrong frequencies. Torch-free, so conversion refuses it before any rank starts.
+    """
+    if scaling is None:
+        return
+    for name, fixed in _MEGATRON_LLAMA3_FIXED.items():
+        _require(
+            getattr(scaling, name) == fixed,
+            f"rope_scaling.{name}={getattr(scaling, name)} cannot be built: Megatron-Core's Llama-3 RoPE "
+            f"scaling fixes {name}={fixed} (only 'factor' is configurable); use a checkpoint with the "
+            "Llama-3.1 defaults (low_freq_factor=1.0, high_freq_factor=4.0, "
+            "original_max_position_embeddings=8192)",
+        )
 
 
 def _hf_key(hf_config: dict[str, Any], key: str) -> Any:
@@ -373,6 +400,7 @@ def _hf_rope(hf_config: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None
         theta, scaling = params.get("rope_theta", hf_config.get("rope_theta")), params
     else:
         theta, scaling = hf_config.get("rope_theta"), hf_config.get("rope_scaling")
+    theta = _HF_DEFAULT_ROPE_THETA if theta is None else theta
     _require(_is_positive_number(theta), f"HF config needs a positive rope_theta; got {theta!r}")
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type == "default":

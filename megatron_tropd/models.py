@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from megatron_tropd.model_config import (  # re-exported: the shapes live torch-free in model_config
-    _MEGATRON_LLAMA3_FIXED,
     ARCHITECTURES,
     HF_ARCHITECTURES,
     Llama3RopeScaling,
@@ -45,6 +44,7 @@ from megatron_tropd.model_config import (  # re-exported: the shapes live torch-
     qwen2_5_7b,
     qwen3_1_7b,
     qwen3_4b,
+    require_megatron_rope,
     tiny,
 )
 from megatron_tropd.platform import default_device
@@ -86,24 +86,11 @@ _RESIDUAL_OUTPUT_KEYS = ("self_attention.linear_proj.weight", "mlp.linear_fc2.we
 
 
 def _megatron_rope_kwargs(config: ModelConfig) -> dict[str, Any]:
-    """GPTModel's ``rope_scaling`` arguments; raise if Megatron cannot express ``config.rope_scaling``.
-
-    Megatron-Core (0.16-0.19) implements HF's "llama3" scaling formula exactly, but ``GPTModel`` forwards
-    only ``rope_scaling_factor``: low_freq_factor, high_freq_factor and original_max_position_embeddings
-    are fixed at 1, 4 and 8192 inside ``RotaryEmbedding._apply_scaling``. Llama 3.1/3.2/3.3 use exactly
-    those; anything else would silently get the wrong frequencies, so we refuse it.
-    """
-    scaling = config.rope_scaling
-    if scaling is None:
+    """GPTModel's ``rope_scaling`` arguments; raise if Megatron cannot express ``config.rope_scaling``."""
+    require_megatron_rope(config.rope_scaling)
+    if config.rope_scaling is None:
         return {"rope_scaling": False}
-    for name, fixed in _MEGATRON_LLAMA3_FIXED.items():
-        _require(
-            getattr(scaling, name) == fixed,
-            f"model.rope_scaling.{name}={getattr(scaling, name)} cannot be built: Megatron-Core's Llama-3 "
-            f"RoPE scaling fixes {name}={fixed} (only 'factor' is configurable); use a checkpoint with the "
-            "Llama-3.1 defaults",
-        )
-    return {"rope_scaling": True, "rope_scaling_factor": float(scaling.factor)}
+    return {"rope_scaling": True, "rope_scaling_factor": float(config.rope_scaling.factor)}
 
 
 def _default_params_dtype() -> torch.dtype:

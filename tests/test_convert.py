@@ -1,19 +1,21 @@
 """HF <-> Megatron conversion on tiny random HF models of every architecture (CPU, no downloads).
 
 One 2-rank gloo job (``conversion_worker``) converts each model at TP1, TP2 and PP2 and compares the Megatron
-logits with transformers' (fp32), exports each TP2 checkpoint back to HF (resharding to TP1 and un-padding
-the vocabulary on the way), and runs the ``--force`` and failing-rank scenarios. The parent process then
-checks the round trip bit for bit, loads the export with transformers, and runs the bad-input cases, which
-fail before any process group is needed.
+logits with transformers' (fp32) over 4 prompts of max_position_embeddings positions, exports each TP2
+checkpoint back to HF (resharding to TP1 and un-padding the vocabulary on the way), and runs the
+``--force``, failing-rank and dropped-RoPE-scaling scenarios. The parent process then checks the round trip
+bit for bit, loads the export with transformers, and runs the bad-input cases, which fail before any
+process group is needed.
 
 Tolerance: HF and Megatron compute the same fp32 math in a different order (fused QKV, TP-split matmuls,
 qk-norm), so logits agree to rounding: ``LOGITS_ATOL`` 2e-5 absolute on logits of std ~0.8 (measured
-<= 2.7e-6; exactly 0 for qwen2 and llama at TP1 and PP2). The round trip moves bits only (reshape,
+<= 2.9e-6; exactly 0 for qwen2 and llama at TP1 and PP2). The round trip moves bits only (reshape,
 concat, pad, slice), so it is exact.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -56,6 +58,11 @@ HF_CONFIGS = {
         },
     ),
 }
+LONG_WAVE_LLAMA = {"head_dim": 8, "rope_theta": 1e9, "max_position_embeddings": 512}
+"""Overrides of the llama model: its only Llama-3-scaled RoPE frequency has a wavelength of ~2e5
+positions, so (as for the low frequencies of a real Llama 3.1) a dropped scaling changes the logits by
+~3e-4 over 16 positions and by ~2e-2 over 512."""
+VERIFY_PROMPTS = 4
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -63,13 +70,16 @@ HF_CONFIGS = {
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _save_tiny_hf_model(arch: str, directory: Path) -> None:
+def _save_tiny_hf_model(arch: str, directory: Path, **overrides) -> None:
     """A random HF model (every weight, bias and norm gain random, so no mapping error can hide) saved as
-    several safetensors shards with an index, plus a tokenizer side file."""
+    several safetensors shards with an index, plus a tokenizer side file. An override of None drops that
+    field, leaving transformers' default."""
     import transformers
 
     class_name, extra = HF_CONFIGS[arch]
-    config = getattr(transformers, class_name)(**_COMMON, **extra)
+    # a copy: transformers 5 writes rope_theta into the rope_scaling dict it is given
+    fields = copy.deepcopy({k: v for k, v in {**_COMMON, **extra, **overrides}.items() if v is not None})
+    config = getattr(transformers, class_name)(**fields)
     model = transformers.AutoModelForCausalLM.from_config(config)
     generator = torch.Generator().manual_seed(sum(map(ord, arch)))
     with torch.no_grad():
@@ -153,7 +163,7 @@ def _force_scenarios(root: Path) -> dict:
             (directory / "old.txt").write_text("old\n")
     dist.barrier()
     convert.hf_to_megatron(root / "qwen2" / "hf", replaced, 1, 1, force=True)
-    error = _error_of(convert.hf_to_megatron, root / "bad-layer1", kept, 1, 2, force=True)
+    error = _error_of(convert.hf_to_megatron, root / "nan-layer1", kept, 1, 2, force=True)
     dist.barrier()
     return {"replaced": sorted(p.name for p in replaced.iterdir()), "failed_rank_error": error}
 
@@ -179,6 +189,27 @@ def _non_finite_scenarios(rank: int, world_size: int, root: Path) -> dict:
     return {"import": imported, "export": exported}
 
 
+def _dropped_rope_scenario(rank: int, world_size: int, root: Path) -> dict:
+    """The long-wave llama imported by a conversion that silently drops its RoPE scaling (patched here, in
+    the ranks), checked by ``--verify`` and by the 2 prompts x 16 positions the verify used to run."""
+    import dataclasses
+    from unittest import mock
+
+    from megatron_tropd.hf import convert
+    from megatron_tropd.model_config import ModelConfig
+
+    read = ModelConfig.from_hf_config.__func__
+
+    def dropping_rope_scaling(cls, hf_config):
+        return dataclasses.replace(read(cls, hf_config), rope_scaling=None)
+
+    hf_dir, out = root / "long-wave", root / "long-wave-dropped-rope"
+    with mock.patch.object(ModelConfig, "from_hf_config", classmethod(dropping_rope_scaling)):
+        verified = convert.import_job(rank, world_size, hf_dir, out, 1, 1, False, True)
+    short = convert.compare_logits(hf_dir, out, tokens=convert.prompt_tokens(300, seq_len=16, batch=2))
+    return {"verify": verified, "short": short}
+
+
 def conversion_worker(rank: int, world_size: int, root: Path) -> dict:
     from megatron_tropd.hf import convert
 
@@ -193,6 +224,7 @@ def conversion_worker(rank: int, world_size: int, root: Path) -> dict:
         )
     results["force"] = _force_scenarios(root)
     results["non_finite"] = _non_finite_scenarios(rank, world_size, root)
+    results["dropped_rope"] = _dropped_rope_scenario(rank, world_size, root)
     return results
 
 
@@ -201,6 +233,7 @@ def converted(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("convert")
     for arch in ARCHITECTURES:
         _save_tiny_hf_model(arch, root / arch / "hf")
+    _save_tiny_hf_model("llama", root / "long-wave", **LONG_WAVE_LLAMA)
     _with_bad_layer1_tensor(root / "qwen2" / "hf", root / "bad-layer1")
     _with_non_finite_layer1_tensor(root / "qwen2" / "hf", root / "nan-layer1")
     results = run_on_ranks(conversion_worker, 2, root)
@@ -221,7 +254,25 @@ def test_megatron_logits_match_transformers(converted, arch, layout):
     assert comparison.logits_std > 0.1, "degenerate logits would make the comparison vacuous"
     assert comparison.max_abs_diff < LOGITS_ATOL, comparison
     assert comparison.top1_agreement == 1.0, comparison
+    # whole sequences up to the model's max_position_embeddings, where RoPE errors are largest
+    assert comparison.seq_len == _COMMON["max_position_embeddings"], comparison
+    assert comparison.num_positions == VERIFY_PROMPTS * comparison.seq_len, comparison
     print(f"{arch} TP{layout[0]}xPP{layout[1]}: {comparison}")
+
+
+def test_verify_sees_a_dropped_rope_scaling(converted, capsys):
+    _, results = converted
+    cli = _load_cli()
+    short, verified = results["dropped_rope"]["short"], results["dropped_rope"]["verify"]
+    assert short.max_abs_diff < cli.DEFAULT_VERIFY_ATOL, short  # what 16 positions could see
+    assert verified.seq_len == LONG_WAVE_LLAMA["max_position_embeddings"], verified
+    assert verified.max_abs_diff > 5 * cli.DEFAULT_VERIFY_ATOL, verified
+    assert verified.worst_position > verified.seq_len // 2, verified  # the error grows with the position
+    assert cli._report(verified, cli.DEFAULT_VERIFY_ATOL) == 1
+    out, err = capsys.readouterr()
+    positions = f"over {verified.num_positions} positions ({VERIFY_PROMPTS} prompts x {verified.seq_len})"
+    assert positions in out, out
+    assert "top-1 agreement" in out and "exceeds --verify-atol" in err, err
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -247,10 +298,29 @@ def test_exported_config_matches_the_source(converted, arch):
     from transformers import AutoConfig
 
     root, _ = converted
-    source = AutoConfig.from_pretrained(root / arch / "hf").to_dict()
-    exported = AutoConfig.from_pretrained(root / arch / "export").to_dict()
-    for key in (*_COMMON, "architectures", "tie_word_embeddings", "head_dim", "rope_parameters", "dtype"):
-        assert exported.get(key) == source.get(key), key
+    source = AutoConfig.from_pretrained(root / arch / "hf")
+    exported = AutoConfig.from_pretrained(root / arch / "export")
+    for key in (*_COMMON, "architectures", "tie_word_embeddings", "rope_parameters", "dtype"):
+        assert exported.to_dict().get(key) == source.to_dict().get(key), key
+    assert _hf_head_dim(exported) == _hf_head_dim(source)
+
+
+def _hf_head_dim(config) -> int:
+    """The per-head width transformers' attention uses (Qwen2's config has no head_dim field)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_exported_config_is_spelled_as_the_installed_transformers_writes_it(converted, arch):
+    """One spelling per field (transformers 5: rope_parameters and dtype, no rope_theta / rope_scaling /
+    torch_dtype), so re-saving the export with transformers changes nothing; head_dim always."""
+    from transformers import AutoConfig
+
+    root, _ = converted
+    exported = json.loads((root / arch / "export" / "config.json").read_text())
+    rewritten = json.loads(AutoConfig.from_pretrained(root / arch / "export").to_json_string())
+    assert exported == rewritten
+    assert exported["head_dim"] == _hf_head_dim(AutoConfig.from_pretrained(root / arch / "hf"))
 
 
 def test_import_writes_config_and_tokenizer_files(converted):
@@ -306,7 +376,7 @@ def test_verify_fails_on_non_finite_logits_naming_the_side(converted, capsys):
 
     root, _ = converted
     cli = _load_cli()
-    tokens = prompt_tokens(300)
+    tokens = prompt_tokens(300, seq_len=16)
     clean = _hf_logits(root / "qwen2" / "hf", tokens)
     assert cli._report(_compare_with_hf(root / "qwen2" / "hf", tokens, clean), 1e-6) == 0
     poisoned = clean.clone()
@@ -431,6 +501,78 @@ def test_cli_reports_bad_input_without_starting_ranks(converted, capsys):
     assert "tensor_parallel=4" in capsys.readouterr().err
 
 
+def _edit_config(directory: Path, edit) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    edit(config)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def _cli_refusal_without_ranks(cli, monkeypatch, capsys, argv: list[str]) -> str:
+    """The CLI's stderr for ``argv``, which must be refused (exit 2) before any rank is started."""
+
+    def no_ranks(*args, **kwargs):
+        raise AssertionError("the refusal came from the ranks, not from the check before them")
+
+    monkeypatch.setattr(cli, "_run", no_ranks)
+    assert cli.main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_cli_refuses_rope_scaling_megatron_cannot_build_before_starting_ranks(
+    hf_copy, tmp_path, monkeypatch, capsys
+):
+    _edit_config(hf_copy, lambda config: config["rope_parameters"].update(low_freq_factor=2.0))
+    argv = ["import", "--hf-dir", str(hf_copy), "--out", str(tmp_path / "out"), "--verify"]
+    err = _cli_refusal_without_ranks(_load_cli(), monkeypatch, capsys, argv)
+    assert "rope_scaling.low_freq_factor=2.0 cannot be built" in err and "fixes low_freq_factor=1.0" in err
+    assert "Llama-3.1 defaults" in err and err.count("error:") == 1, err
+
+
+def test_cli_refuses_a_shape_disagreement_before_starting_ranks(converted, tmp_path, monkeypatch, capsys):
+    root, _ = converted
+    argv = ["import", "--hf-dir", str(root / "bad-layer1"), "--out", str(tmp_path / "out"), "--pp", "2"]
+    err = _cli_refusal_without_ranks(_load_cli(), monkeypatch, capsys, argv)
+    expected = f"'{LAYER1_DOWN_PROJ}' is (64, 80), config.json implies (64, 96)"
+    assert expected in err and "intermediate_size=96" in err and "1 tensor shape(s)" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_rope_theta_is_read_as_transformers_reads_it(converted, tmp_path):
+    from transformers import AutoConfig
+
+    from megatron_tropd.hf.convert import read_hf_checkpoint
+
+    root, _ = converted
+    shutil.copytree(root / "qwen2" / "hf", tmp_path / "hf")  # its rope_theta is the default, 10000
+
+    def drop_rope_theta(config: dict) -> None:
+        for key in ("rope_parameters", "rope_theta", "rope_scaling"):
+            config.pop(key, None)
+
+    _edit_config(tmp_path / "hf", drop_rope_theta)
+    expected = AutoConfig.from_pretrained(tmp_path / "hf").rope_parameters["rope_theta"]
+    assert read_hf_checkpoint(tmp_path / "hf").model_config.rotary_base == expected == 10000.0
+
+
+def test_qwen3_without_head_dim_is_read_as_transformers_reads_it(converted, tmp_path):
+    """Qwen3Config's head_dim defaults to 128, not hidden / heads (16 here): a config.json without it
+    converts as transformers builds it, and one whose weights have another head_dim is refused early."""
+    from transformers import AutoConfig
+
+    from megatron_tropd.hf.convert import check_import_inputs, read_hf_checkpoint
+
+    root, _ = converted
+    default_head = tmp_path / "default-head-dim"
+    _save_tiny_hf_model("qwen3", default_head, head_dim=None)
+    _edit_config(default_head, lambda config: config.pop("head_dim"))
+    assert AutoConfig.from_pretrained(default_head).head_dim == 128
+    assert read_hf_checkpoint(default_head).model_config.kv_channels == 128
+    shutil.copytree(root / "qwen3" / "hf", tmp_path / "head-dim-32")
+    _edit_config(tmp_path / "head-dim-32", lambda config: config.pop("head_dim"))
+    error = _error_of(check_import_inputs, tmp_path / "head-dim-32", tmp_path / "out", 1, 1, False)
+    assert "head_dim=128" in error and "q_proj.weight' is (128, 64), config.json implies (512, 64)" in error
+
+
 def test_cli_export_with_verify_and_its_failure_exit(converted, tmp_path, capsys):
     """End to end through the CLI (it spawns its own rank); the import side runs the same ``import_job``
     in ``conversion_worker``. An impossible --verify-atol must fail with exit status 1."""
@@ -440,8 +582,12 @@ def test_cli_export_with_verify_and_its_failure_exit(converted, tmp_path, capsys
     cli = _load_cli()
     hf_dir = tmp_path / "hf"
     argv = ["export", "--ckpt-dir", str(root / "qwen3" / "megatron-tp1pp2"), "--out", str(hf_dir), "--verify"]
-    assert cli.main(argv) == 0
-    assert "top-1 agreement 100.00%" in capsys.readouterr().out
+    assert cli.main([*argv, "--verify-seq-len", "100"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"top-1 agreement 100.00% over {VERIFY_PROMPTS * 100} positions ({VERIFY_PROMPTS} prompts x 100)"
+        in out
+    )
     original, exported = _all_tensors(root / "qwen3" / "hf"), _all_tensors(hf_dir)
     assert original.keys() == exported.keys()
     assert all(torch.equal(exported[name], tensor) for name, tensor in original.items())

@@ -5,11 +5,14 @@
 
 Run as is, it spawns TP x PP local gloo/NCCL ranks itself (export uses one); under ``torchrun`` it uses the
 launcher's ranks (a multiple of TP x PP). ``--verify`` runs the HF model (transformers, fp32) and the
-Megatron model on the same fixed tokens and fails (exit 1) when either side produces a non-finite logit
-or the max |logit difference| exceeds ``--verify-atol``. Bad input is reported before any rank starts
-(exit 2); what only the ranks can see (a NaN / inf weight, in the HF tensors as import reads them or in the
-Megatron weights as export writes them) is reported once, by rank 0, also with exit 2. Needs the package
-importable (``pip install -e .`` or ``PYTHONPATH=.``).
+Megatron model on the same fixed whole sequences (4 prompts of ``--verify-seq-len`` positions, by default
+max_position_embeddings up to 1024: RoPE errors grow with the position), reports the max |logit
+difference| and the top-1 agreement, and fails (exit 1) when either side produces a non-finite logit or the
+difference exceeds ``--verify-atol``. Bad input is reported before any rank starts (exit 2): paths, the
+config (including RoPE scaling Megatron cannot build) and every tensor's name and shape, read from the
+safetensors headers. What only the ranks can see (a NaN / inf weight, in the HF tensors as import reads
+them or in the Megatron weights as export writes them) is reported once, by rank 0, also with exit 2.
+Needs the package importable (``pip install -e .`` or ``PYTHONPATH=.``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--force", action="store_true", help="replace an existing output directory")
         sub.add_argument("--verify", action="store_true", help="compare HF and Megatron logits afterwards")
         sub.add_argument("--verify-atol", type=float, default=DEFAULT_VERIFY_ATOL, help="max |logit diff|")
+        sub.add_argument(
+            "--verify-seq-len",
+            type=int,
+            help="positions per verify prompt (default: max_position_embeddings, at most 1024); use the "
+            "longest sequence you train or generate at",
+        )
     return parser
 
 
@@ -47,6 +56,8 @@ def _check_inputs(args: argparse.Namespace) -> int:
     """World size of the job; raises ValueError on bad input before any process starts."""
     from megatron_tropd.hf import convert
 
+    if args.verify_seq_len is not None and args.verify_seq_len < 1:
+        raise ValueError(f"--verify-seq-len must be >= 1; got {args.verify_seq_len}")
     if args.command == "import":
         convert.check_import_inputs(args.hf_dir, args.out, args.tp, args.pp, args.force)
         return args.tp * args.pp
@@ -58,9 +69,10 @@ def _job(args: argparse.Namespace):
     """(per-rank function, its arguments after (rank, world_size))."""
     from megatron_tropd.hf import convert
 
+    verify = (args.verify, args.verify_seq_len)
     if args.command == "import":
-        return convert.import_job, (args.hf_dir, args.out, args.tp, args.pp, args.force, args.verify)
-    return convert.export_job, (args.ckpt_dir, args.out, args.force, args.dtype, args.verify)
+        return convert.import_job, (args.hf_dir, args.out, args.tp, args.pp, args.force, *verify)
+    return convert.export_job, (args.ckpt_dir, args.out, args.force, args.dtype, *verify)
 
 
 def _run(args: argparse.Namespace, world_size: int):
@@ -96,9 +108,13 @@ def _verify_failures(comparison, atol: float) -> list[str]:
 
 
 def _report(comparison, atol: float) -> int:
+    shape = ""
+    if comparison.seq_len:
+        shape = f" ({comparison.num_positions // comparison.seq_len} prompts x {comparison.seq_len})"
     print(
-        f"max |logit diff| = {comparison.max_abs_diff:.3g} (HF logits std {comparison.logits_std:.3g}); "
-        f"top-1 agreement {comparison.top1_agreement:.2%} over {comparison.num_positions} positions"
+        f"max |logit diff| = {comparison.max_abs_diff:.3g} at position {comparison.worst_position} "
+        f"(HF logits std {comparison.logits_std:.3g}); top-1 agreement {comparison.top1_agreement:.2%} "
+        f"over {comparison.num_positions} positions{shape}"
     )
     failures = _verify_failures(comparison, atol)
     for failure in failures:

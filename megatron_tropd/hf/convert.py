@@ -10,8 +10,10 @@ Export (``megatron_to_hf``) loads any Megatron weights (conversion output, ``sav
 root) into a TP1 x PP1 model and writes sharded safetensors plus ``model.safetensors.index.json`` and a
 ``config.json`` that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
-A NaN or inf weight is refused naming the tensor: on import as each rank reads its HF tensors, on export
-as each HF tensor is written (an overflow of the export dtype included).
+What depends only on config.json and the safetensors headers (the architecture, RoPE scaling Megatron
+cannot build, every tensor's name and shape) is refused before any process group exists
+(``check_import_inputs``). A NaN or inf weight is refused naming the tensor: on import as each rank reads
+its HF tensors, on export as each HF tensor is written (an overflow of the export dtype included).
 
 Both write into a hidden sibling directory and rename it into place at the end: an output directory is
 complete or absent. An existing output is refused unless ``force``; then it is replaced only once the new one
@@ -46,12 +48,13 @@ from megatron_tropd.hf.mapping import (
     IGNORED_HF_SUFFIXES,
     TensorMapping,
     expected_hf_names,
+    expected_hf_shapes,
     hf_from_megatron,
     hf_names,
     mappings_for,
     megatron_from_hf,
 )
-from megatron_tropd.model_config import ModelConfig
+from megatron_tropd.model_config import ModelConfig, require_megatron_rope
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ __all__ = [
     "check_import_inputs",
     "LogitsComparison",
     "compare_logits",
+    "verify_length",
     "export_job",
     "hf_to_megatron",
     "import_job",
@@ -97,6 +101,11 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size for sa
 _FINITE_CHECK_CHUNK = 1 << 24
 """Elements per ``isfinite`` pass: bounds the temporary mask that checking a vocabulary-sized tensor needs."""
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_VERIFY_PROMPTS = 4
+DEFAULT_VERIFY_SEQ_LEN = 1024
+"""Cap on the default positions per verify prompt: long enough for a wrong RoPE scaling to show (it grows
+with the position), short enough that each side's fp32 logits (prompts x positions x vocabulary: 2.5 GB for
+a 152k vocabulary) fit in host memory."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -113,6 +122,8 @@ class HfCheckpoint:
     model_config: ModelConfig
     tensor_files: dict[str, Path]
     """HF tensor name -> the safetensors file holding it."""
+    tensor_shapes: dict[str, tuple[int, ...]]
+    """HF tensor name -> its shape, from the safetensors headers."""
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -134,15 +145,17 @@ def _non_finite_count(tensor: torch.Tensor) -> int:
     return sum(int((~torch.isfinite(flat[i : i + _FINITE_CHECK_CHUNK])).sum()) for i in chunks)
 
 
-def _file_tensor_names(path: Path) -> set[str]:
-    """Names in one safetensors file; a missing, truncated or corrupt file raises naming it."""
+def _file_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of each tensor in one safetensors file, from its header (no tensor data is read); a
+    missing, truncated or corrupt file raises naming it."""
     from safetensors import safe_open
 
     if not path.is_file():
         raise ValueError(f"safetensors shard {path} is missing: re-download the checkpoint (or the shard)")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return set(handle.keys())
+            names = handle.keys()  # a safe_open handle is not iterable
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in names}
     except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) on bad files
         raise ValueError(
             f"safetensors shard {path} cannot be read ({exc}): the file is truncated or corrupt; "
@@ -150,23 +163,26 @@ def _file_tensor_names(path: Path) -> set[str]:
         ) from None
 
 
-def _tensor_files(directory: Path) -> dict[str, Path]:
-    """HF tensor name -> file, from ``model.safetensors.index.json`` or a single ``model.safetensors``."""
+def _tensor_index(directory: Path) -> tuple[dict[str, Path], dict[str, tuple[int, ...]]]:
+    """(HF tensor name -> file, name -> shape), from ``model.safetensors.index.json`` or a single
+    ``model.safetensors``."""
     index_path = directory / SAFETENSORS_INDEX
     if index_path.is_file():
         weight_map = _read_json(index_path, "")["weight_map"]
         files = {directory / name for name in weight_map.values()}
-        held = {path: _file_tensor_names(path) for path in sorted(files)}
+        held = {path: _file_tensor_shapes(path) for path in sorted(files)}
         for name, file_name in weight_map.items():
             if name not in held[directory / file_name]:
                 raise ValueError(
                     f"{index_path} lists {name!r} in {file_name}, which does not hold it: the index and the "
                     "shards come from different checkpoints; re-download them together"
                 )
-        return {name: directory / file_name for name, file_name in weight_map.items()}
+        files = {name: directory / file_name for name, file_name in weight_map.items()}
+        return files, {name: held[path][name] for name, path in files.items()}
     single = directory / SAFETENSORS_SINGLE
     if single.is_file():
-        return dict.fromkeys(_file_tensor_names(single), single)
+        shapes = _file_tensor_shapes(single)
+        return dict.fromkeys(shapes, single), shapes
     raise ValueError(
         f"{directory} has neither {SAFETENSORS_INDEX} nor {SAFETENSORS_SINGLE}: only safetensors checkpoints "
         "are read (re-save a PyTorch .bin checkpoint with save_pretrained(safe_serialization=True))"
@@ -191,20 +207,55 @@ def _check_tensor_names(tensor_files: dict[str, Path], config: ModelConfig, dire
         )
 
 
+def _implied_dims(config: ModelConfig) -> str:
+    return (
+        f"hidden_size={config.hidden_size}, intermediate_size={config.ffn_hidden_size}, "
+        f"num_attention_heads={config.num_attention_heads}, num_key_value_heads={config.num_query_groups}, "
+        f"head_dim={config.kv_channels}, vocab_size={config.vocab_size}"
+    )
+
+
+def _check_tensor_shapes(shapes: dict[str, tuple[int, ...]], config: ModelConfig, directory: Path) -> None:
+    """Every tensor has the shape config.json implies (read from the headers, before any rank starts)."""
+    wrong = [
+        f"{name!r} is {shapes[name]}, config.json implies {expected}"
+        for name, expected in expected_hf_shapes(config).items()
+        if shapes[name] != expected
+    ]
+    if wrong:
+        raise ValueError(
+            f"{directory}: {len(wrong)} tensor shape(s) disagree with config.json ({_implied_dims(config)}), "
+            f"e.g. {'; '.join(wrong[:3])}: use the config.json saved with these weights"
+        )
+
+
+def _model_config_of(hf_config: dict[str, Any], path: Path) -> ModelConfig:
+    """The ``ModelConfig`` of an HF config.json that Megatron can build; errors name the file."""
+    try:
+        model_config = ModelConfig.from_hf_config(hf_config)
+        require_megatron_rope(model_config.rope_scaling)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return model_config
+
+
 def read_hf_checkpoint(hf_dir: str | os.PathLike) -> HfCheckpoint:
-    """Read and check an HF checkpoint directory (config, shards, tensor names) without loading weights.
+    """Read and check an HF checkpoint directory (config, shards, tensor names and shapes) without loading
+    weights.
 
     Raises ``ValueError`` naming the file for: no config.json, an unsupported architecture (the message lists
-    the supported ones), an index naming a missing shard, a truncated shard, missing or unexpected tensors.
+    the supported ones), RoPE scaling that Megatron cannot build, an index naming a missing shard, a
+    truncated shard, missing or unexpected tensors, a tensor whose shape disagrees with config.json.
     """
     directory = Path(hf_dir)
     if not directory.is_dir():
         raise ValueError(f"HF checkpoint directory {directory} does not exist")
     hf_config = _read_json(directory / HF_CONFIG, "an HF checkpoint directory needs its config.json")
-    model_config = ModelConfig.from_hf_config(hf_config)
-    tensor_files = _tensor_files(directory)
+    model_config = _model_config_of(hf_config, directory / HF_CONFIG)
+    tensor_files, tensor_shapes = _tensor_index(directory)
     _check_tensor_names(tensor_files, model_config, directory)
-    return HfCheckpoint(directory, hf_config, model_config, tensor_files)
+    _check_tensor_shapes(tensor_shapes, model_config, directory)
+    return HfCheckpoint(directory, hf_config, model_config, tensor_files, tensor_shapes)
 
 
 def read_megatron_config(ckpt_dir: str | os.PathLike) -> tuple[Path, ModelConfig]:
@@ -248,6 +299,7 @@ def check_export_inputs(
 ) -> tuple[Path, ModelConfig, Path]:
     """Everything ``megatron_to_hf`` refuses, checked without a process group (the CLI calls it first)."""
     directory, config = read_megatron_config(ckpt_dir)
+    require_megatron_rope(config.rope_scaling)
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"export dtype {dtype!r} is not supported; choose one of: {', '.join(_DTYPES)}")
     return directory, config, _check_output_dir(out_dir, force, directory)
@@ -520,13 +572,30 @@ def _write_safetensors_shards(named_tensors, directory: Path, max_shard_bytes: i
     _write_json(directory / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
+_RESPELLED_HF_FIELDS = ("rope_theta", "rope_scaling", "rope_parameters", "torch_dtype", "dtype", "head_dim")
+"""Source config.json fields that export writes afresh: transformers 4 and 5 spell RoPE and dtype apart."""
+
+
 def _export_hf_config(config: ModelConfig, source: dict[str, Any] | None, dtype: torch.dtype) -> dict:
-    """``to_hf_config`` over the source config.json's other fields (token ids, ...); rope in one spelling."""
-    replaced = ("rope_parameters", "rope_scaling", "torch_dtype")
-    base = {k: v for k, v in (source or {}).items() if k not in replaced}
-    hf = {**base, **config.to_hf_config()}
-    hf["dtype"] = str(dtype).removeprefix("torch.")
-    return hf
+    """``to_hf_config`` over the source config.json's other fields (token ids, ...), spelled as the
+    installed transformers writes them; ``head_dim`` always, since Qwen3 reads a missing one as 128."""
+    base = {k: v for k, v in (source or {}).items() if k not in _RESPELLED_HF_FIELDS}
+    fields = {**base, **config.to_hf_config(), "head_dim": config.kv_channels}
+    fields["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return _as_transformers_writes(fields)
+
+
+def _as_transformers_writes(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` (transformers-4 spelling: ``rope_theta``, ``rope_scaling``, ``torch_dtype``) as the
+    installed transformers' ``save_pretrained`` writes them: every version reads the old spelling, and
+    transformers 5 rewrites it as ``rope_parameters`` and ``dtype``. Without transformers, as given."""
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        return fields
+    model_fields = {k: v for k, v in fields.items() if k != "model_type"}
+    hf_config = AutoConfig.for_model(fields["model_type"], **model_fields)
+    return json.loads(hf_config.to_json_string(use_diff=True))
 
 
 def _export_dtype(dtype: str | None, source: dict[str, Any] | None, model) -> torch.dtype:
@@ -547,8 +616,9 @@ def _write_hf_dir(model, config, directory: Path, out: Path, dtype_name, max_sha
     staging = out.parent / f".{out.name}.converting-{secrets.token_hex(4)}"
     staging.mkdir(parents=True)
     try:
+        hf_config = _export_hf_config(config, source, dtype)  # before the shards: it can refuse a field
         _write_safetensors_shards(_hf_tensors(model, config, dtype), staging, max_shard_bytes)
-        _write_json(staging / HF_CONFIG, _export_hf_config(config, source, dtype))
+        _write_json(staging / HF_CONFIG, hf_config)
         _copy_side_files(directory, staging)
         _publish(staging, out)
     finally:
@@ -599,9 +669,26 @@ class LogitsComparison:
     """NaN / inf entries in the HF model's logits."""
     megatron_non_finite: int = 0
     """NaN / inf entries in the Megatron model's logits."""
+    seq_len: int = 0
+    """Positions per prompt (``num_positions / seq_len`` prompts)."""
+    worst_position: int = 0
+    """Position in its prompt of the largest difference: a RoPE error grows with the position."""
 
 
-def prompt_tokens(vocab_size: int, batch: int = 2, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
+def verify_length(config: ModelConfig, seq_len: int | None = None) -> int:
+    """Positions per verify prompt: ``seq_len`` if given, else ``max_position_embeddings`` capped at
+    ``DEFAULT_VERIFY_SEQ_LEN``. RoPE errors (a dropped or wrong frequency scaling) grow with the position,
+    so the check needs positions as far out as the model is used."""
+    if seq_len is None:
+        return min(config.max_position_embeddings, DEFAULT_VERIFY_SEQ_LEN)
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"verify sequence length must be an integer >= 1; got {seq_len!r}")
+    return seq_len
+
+
+def prompt_tokens(
+    vocab_size: int, seq_len: int, batch: int = DEFAULT_VERIFY_PROMPTS, seed: int = 0
+) -> torch.Tensor:
     """Fixed pseudo-random token ids ``[batch, seq_len]``: a parity check needs no tokenizer."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
@@ -633,19 +720,27 @@ def _megatron_logits(model, groups, tokens: torch.Tensor, vocab_size: int) -> to
     return torch.cat(shards, dim=-1)[..., :vocab_size].float().cpu()
 
 
-def _compare_with_hf(hf_dir: Path, tokens: torch.Tensor, megatron: torch.Tensor) -> LogitsComparison:
+@torch.no_grad()
+def _hf_reference_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """transformers' fp32 logits ``[B, S, vocab]``, one prompt at a time (bounds the attention memory)."""
     from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
-    with torch.no_grad():
-        reference = hf_model(input_ids=tokens).logits.float()
+    return torch.cat([hf_model(input_ids=prompt[None]).logits.float() for prompt in tokens])
+
+
+def _compare_with_hf(hf_dir: Path, tokens: torch.Tensor, megatron: torch.Tensor) -> LogitsComparison:
+    reference = _hf_reference_logits(hf_dir, tokens)
+    per_position = (reference - megatron).abs().amax(dim=-1)  # [B, S]; NaN where either side is NaN
     return LogitsComparison(
-        max_abs_diff=(reference - megatron).abs().max().item(),
+        max_abs_diff=per_position.max().item(),
         top1_agreement=(reference.argmax(-1) == megatron.argmax(-1)).float().mean().item(),
         logits_std=reference.std().item(),
         num_positions=tokens.numel(),
         hf_non_finite=_non_finite_count(reference),
         megatron_non_finite=_non_finite_count(megatron),
+        seq_len=tokens.shape[1],
+        worst_position=int(per_position.nan_to_num(nan=float("inf")).argmax()) % tokens.shape[1],
     )
 
 
@@ -655,8 +750,10 @@ def compare_logits(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     tokens: torch.Tensor | None = None,
+    seq_len: int | None = None,
 ) -> LogitsComparison:
-    """Run the HF model (transformers, fp32) and the Megatron weights on a TP x PP layout on ``tokens``.
+    """Run the HF model (transformers, fp32) and the Megatron weights on a TP x PP layout on ``tokens``,
+    by default ``DEFAULT_VERIFY_PROMPTS`` whole prompts of ``verify_length(config, seq_len)`` positions.
 
     Collective; every rank returns the same result. The HF model is loaded on the last rank only (a last
     PP stage), which compares it with the TP-gathered Megatron logits.
@@ -665,7 +762,8 @@ def compare_logits(
     _require_distributed()
     model, groups = _build_model(config, tensor_parallel, pipeline_parallel)
     load_model_weights(directory, model, config)
-    tokens = prompt_tokens(config.vocab_size) if tokens is None else tokens
+    if tokens is None:
+        tokens = prompt_tokens(config.vocab_size, verify_length(config, seq_len))
     megatron = _megatron_logits(model, groups, tokens, config.vocab_size)
     judge = dist.get_world_size() - 1
     outcome: list[Any] = [None]
@@ -706,18 +804,21 @@ def refusing_bad_input(rank: int, world_size: int, job, *job_args: Any) -> Any:
 
 def import_job(
     rank: int, world_size: int, hf_dir, out_dir, tensor_parallel: int, pipeline_parallel: int, force: bool,
-    verify: bool,
+    verify: bool, verify_seq_len: int | None = None,
 ) -> LogitsComparison | None:  # fmt: skip
     """``hf_to_megatron``, then (``verify``) the logits check of the output on the same layout."""
     del rank, world_size  # the run_on_ranks signature
     hf_to_megatron(hf_dir, out_dir, tensor_parallel, pipeline_parallel, force)
-    return compare_logits(hf_dir, out_dir, tensor_parallel, pipeline_parallel) if verify else None
+    if not verify:
+        return None
+    return compare_logits(hf_dir, out_dir, tensor_parallel, pipeline_parallel, seq_len=verify_seq_len)
 
 
 def export_job(
-    rank: int, world_size: int, ckpt_dir, out_dir, force: bool, dtype: str | None, verify: bool
-) -> LogitsComparison | None:
+    rank: int, world_size: int, ckpt_dir, out_dir, force: bool, dtype: str | None, verify: bool,
+    verify_seq_len: int | None = None,
+) -> LogitsComparison | None:  # fmt: skip
     """``megatron_to_hf``, then (``verify``) the logits check of the exported HF model against the source."""
     del rank, world_size
     megatron_to_hf(ckpt_dir, out_dir, force, dtype=dtype)
-    return compare_logits(out_dir, ckpt_dir) if verify else None
+    return compare_logits(out_dir, ckpt_dir, seq_len=verify_seq_len) if verify else None

@@ -33,6 +33,7 @@ __all__ = [
     "TensorMapping",
     "Transform",
     "expected_hf_names",
+    "expected_hf_shapes",
     "hf_names",
     "mappings_for",
     "megatron_from_hf",
@@ -203,12 +204,45 @@ def hf_names(mapping: TensorMapping, layer: int | None) -> list[str]:
 
 def expected_hf_names(config: ModelConfig) -> list[str]:
     """Every HF tensor name a checkpoint of ``config`` must hold, in table order."""
-    names = []
+    return list(expected_hf_shapes(config))
+
+
+def _hf_shape_table(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name template -> the shape ``config`` implies for it (as transformers builds the model)."""
+    hidden, head, ffn = config.hidden_size, config.kv_channels, config.ffn_hidden_size
+    q_rows, kv_rows = config.num_attention_heads * head, config.num_query_groups * head
+    attn, mlp = _LAYER + "self_attn.", _LAYER + "mlp."
+    return {
+        "model.embed_tokens.weight": (config.vocab_size, hidden),
+        "lm_head.weight": (config.vocab_size, hidden),
+        "model.norm.weight": (hidden,),
+        _LAYER + "input_layernorm.weight": (hidden,),
+        _LAYER + "post_attention_layernorm.weight": (hidden,),
+        attn + "q_proj.weight": (q_rows, hidden),
+        attn + "k_proj.weight": (kv_rows, hidden),
+        attn + "v_proj.weight": (kv_rows, hidden),
+        attn + "q_proj.bias": (q_rows,),
+        attn + "k_proj.bias": (kv_rows,),
+        attn + "v_proj.bias": (kv_rows,),
+        attn + "o_proj.weight": (hidden, q_rows),
+        attn + "q_norm.weight": (head,),
+        attn + "k_norm.weight": (head,),
+        mlp + "gate_proj.weight": (ffn, hidden),
+        mlp + "up_proj.weight": (ffn, hidden),
+        mlp + "down_proj.weight": (hidden, ffn),
+    }
+
+
+def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name a checkpoint of ``config`` must hold -> its shape, in table order."""
+    table = _hf_shape_table(config)
+    shapes = {}
     for mapping in mappings_for(config):
         layers = range(config.num_layers) if mapping.per_layer else [None]
         for layer in layers:
-            names.extend(hf_names(mapping, layer))
-    return names
+            for template, name in zip(mapping.hf_names, hf_names(mapping, layer), strict=True):
+                shapes[name] = table[template]
+    return shapes
 
 
 def megatron_from_hf(
