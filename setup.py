@@ -34,6 +34,8 @@ setup(
         "tokenizers",  # data: Hugging Face tokenizer.json files
         "safetensors",  # hf: streaming HF checkpoints tensor by tensor
         "xxhash",  # checkpoint: the file manifest's fast content hash (XXH3-128)
+        "omegaconf>=2.3",  # config: --config YAML files and flow-style override values
+        "pyyaml",  # omegaconf's YAML loader
         "tensorboard",  # logging.tensorboard is on by default; torch.utils.tensorboard needs this package
     ],
     extras_require={

@@ -2,12 +2,19 @@
 
 ``apply_overrides`` returns a new config (``dataclasses.replace`` all the way down, nothing mutated), parsing
 each value by the type its field declares, so ``optim.lr=1e-5`` is a float and ``rollout.guidance=false`` a
-bool; lists, tuples and dicts come as JSON (``data.chat_template_kwargs='{"enable_thinking": false}'``).
-Unknown keys and values of the wrong type fail here, naming the key; ranges and cross-field rules are
-left to ``RunConfig.validate``, which the caller runs next. Torch-free: it runs before any process starts.
+bool. Lists, tuples and dicts come as JSON or in the flow style Hydra users type (``eval.names=[AIME24,
+AIME25]``, ``data.chat_template_kwargs={enable_thinking: false}``, parsed by OmegaConf's YAML loader). The
+prefixes of Hydra's grammar: ``~key`` resets a field to its schema default (``~key=value`` only when it
+holds that value) or removes a dict entry; ``+dict_field.key=value`` adds an entry (refused when it exists;
+every other field exists already, so ``+`` on it is refused with the plain spelling); ``++key=value`` sets
+whether or not it exists. Unknown keys and values of the wrong type fail here, naming the key; ranges and
+cross-field rules are left to ``RunConfig.validate``, which the caller runs next. ``apply_values`` applies
+a nested mapping (a YAML config file) with the same typed checks. Torch-free: it runs before any process
+starts.
 
-Recipes write machine-specific paths as ``${TROPD_RUN_DIR}/...``; ``resolve_placeholders`` expands them from
-the environment at launch (never while a recipe is built), so one recipe serves every cluster.
+Recipes write machine-specific paths as ``${TROPD_RUN_DIR}/...`` (or OmegaConf's ``${oc.env:VAR}`` and
+``${oc.env:VAR,default}``); ``resolve_placeholders`` expands them from the environment at launch (never
+while a recipe is built), so one recipe serves every cluster.
 """
 
 from __future__ import annotations
@@ -26,33 +33,153 @@ ConfigT = TypeVar("ConfigT")
 _TRUE_WORDS = ("true", "1", "yes", "on")
 _FALSE_WORDS = ("false", "0", "no", "off")
 _NONE_WORDS = ("none", "null")
-_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# ${VAR}, ${oc.env:VAR} and ${oc.env:VAR,default} (OmegaConf's spelling; the default only with oc.env).
+_PLACEHOLDER = re.compile(r"\$\{(?:(oc\.env):\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*(?:,([^}]*))?\}")
 
 
 def apply_overrides(config: ConfigT, overrides: Sequence[str]) -> ConfigT:
-    """Return ``config`` with each ``"dotted.key=value"`` applied in order; ``config`` is left unchanged."""
+    """Return ``config`` with each override (``key.sub=value``, ``+key=value``, ``++key=value``, ``~key``)
+    applied in order; ``config`` is left unchanged."""
     for override in overrides:
-        key, separator, raw_value = override.partition("=")
-        if not separator or not key.strip():
-            raise ValueError(f"override {override!r} is not of the form key.sub=value (e.g. optim.lr=1e-5)")
-        config = _replace_at(config, config, key.strip().split("."), raw_value, key.strip())
+        config = _apply_one(config, override)
     return config
 
 
-def _replace_at(root: Any, node: Any, path: list[str], raw_value: str, key: str) -> Any:
-    """Copy of ``node`` with the field at ``path`` replaced; ``root`` is only used for error suggestions."""
+def _apply_one(config: ConfigT, override: str) -> ConfigT:
+    prefix = "~" if override.startswith("~") else "++" if override.startswith("++") else ""
+    prefix = prefix or ("+" if override.startswith("+") else "")
+    key, separator, raw_value = override[len(prefix) :].partition("=")
+    key = key.strip()
+    if not key or (not separator and prefix != "~"):
+        raise ValueError(
+            f"override {override!r} is not of the form key.sub=value (e.g. optim.lr=1e-5), "
+            "+dict_field.key=value, ++key=value or ~key"
+        )
+    edit = _Edit(prefix, raw_value if separator else None, key)
+    return _replace_at(config, config, key.split("."), edit)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Edit:
+    """One override: what to do at the end of its key's path (``prefix`` is "", "+", "++" or "~")."""
+
+    prefix: str
+    raw_value: str | None
+    key: str
+
+    def field_value(self, node: Any, name: str, field_type: Any) -> Any:
+        """The new value of the dataclass field ``name`` of ``node``."""
+        if self.prefix == "+":
+            plain = f"{self.key}={self.raw_value}"
+            raise ValueError(
+                f"+{plain}: {self.key} exists already (every field of the config does; + adds entries to "
+                f"dict fields only): set it with {plain}"
+            )
+        if self.prefix == "~":
+            self._check_expected(getattr(node, name), field_type)
+            return _schema_default(node, name)
+        return parse_value(self.raw_value, field_type, self.key)
+
+    def entry(self, entries: dict, name: str, value_type: Any) -> dict:
+        """A copy of the dict field's ``entries`` with the entry ``name`` set, added or removed."""
+        present, updated = name in entries, dict(entries)
+        if self.prefix == "~":
+            if not present:
+                raise ValueError(f"~{self.key}: there is no entry {name!r} to remove")
+            self._check_expected(entries[name], value_type)
+            del updated[name]
+        elif self.prefix == "+" and present:
+            raise ValueError(
+                f"+{self.key}: the entry exists; set it with {self.key}=... (or ++{self.key}=...)"
+            )
+        elif self.prefix == "" and not present:
+            raise ValueError(f"{self.key}: no entry {name!r}; add it with +{self.key}={self.raw_value}")
+        else:
+            updated[name] = _check_element(parse_value(self.raw_value, Any, self.key), value_type)
+        return updated
+
+    def _check_expected(self, current: Any, field_type: Any) -> None:
+        """``~key=value`` removes only the value it names (Hydra's rule)."""
+        if self.raw_value is not None and parse_value(self.raw_value, field_type, self.key) != current:
+            raise ValueError(f"~{self.key}={self.raw_value}: the current value is {current!r}")
+
+
+def _schema_default(node: Any, name: str) -> Any:
+    config_field = next(f for f in dataclasses.fields(node) if f.name == name)
+    if config_field.default is not dataclasses.MISSING:
+        return config_field.default
+    if config_field.default_factory is not dataclasses.MISSING:
+        return config_field.default_factory()
+    raise ValueError(f"{name} has no default to reset to")
+
+
+def _replace_at(root: Any, node: Any, path: list[str], edit: _Edit) -> Any:
+    """Copy of ``node`` with ``edit`` applied at ``path``; ``root`` is only used for error suggestions."""
     name = path[0]
     if not dataclasses.is_dataclass(node) or name not in {f.name for f in dataclasses.fields(node)}:
-        raise ValueError(_unknown_key_message(root, key))
+        raise ValueError(_unknown_key_message(root, edit.key))
     field_type = typing.get_type_hints(type(node))[name]
+    child = getattr(node, name)
     if len(path) == 1:
-        value = parse_value(raw_value, field_type, key)
+        value = edit.field_value(node, name, field_type)
+    elif isinstance(child, dict) and len(path) == 2:
+        value = edit.entry(child, path[1], (typing.get_args(field_type) or (Any, Any))[1])
+    elif dataclasses.is_dataclass(child):
+        value = _replace_at(root, child, path[1:], edit)
     else:
-        child = getattr(node, name)
-        if not dataclasses.is_dataclass(child):
-            raise ValueError(_unknown_key_message(root, key))
-        value = _replace_at(root, child, path[1:], raw_value, key)
+        raise ValueError(_unknown_key_message(root, edit.key))
     return dataclasses.replace(node, **{name: value})
+
+
+def apply_values(config: ConfigT, values: Mapping[str, Any], source: str) -> ConfigT:
+    """``config`` with a nested mapping applied (a YAML file's body): sections recurse, each leaf is checked
+    against its field's type (a string is parsed as on the command line); errors name ``source`` and key."""
+    try:
+        return _apply_mapping(config, config, values, prefix="")
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
+def _apply_mapping(root: Any, node: Any, values: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{prefix.rstrip('.') or 'the file'} must be a mapping of keys to values")
+    hints, changes = typing.get_type_hints(type(node)), {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if not isinstance(name, str) or name not in hints:
+            raise ValueError(_unknown_key_message(root, key))
+        child = getattr(node, name)
+        if dataclasses.is_dataclass(child):
+            changes[name] = _apply_mapping(root, child, value, prefix=f"{key}.")
+        else:
+            changes[name] = coerce_value(value, hints[name], key)
+    return dataclasses.replace(node, **changes)
+
+
+def coerce_value(value: Any, field_type: Any, key: str) -> Any:
+    """A value read from a file as ``field_type``: strings go through ``parse_value``, others are checked."""
+    if isinstance(value, str):
+        return parse_value(value, field_type, key)
+    try:
+        return _coerce(value, field_type)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{key}: {value!r} is not {_type_name(field_type)} ({error})") from None
+
+
+def _coerce(value: Any, field_type: Any) -> Any:
+    origin, args = typing.get_origin(field_type), typing.get_args(field_type)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [arg for arg in args if arg is not type(None)]
+        return _coerce(value, non_none[0]) if len(non_none) == 1 else value
+    if origin in (list, tuple) or field_type in (list, tuple):
+        return _parse_sequence(json.dumps(value), field_type)
+    if origin is dict or field_type is dict:
+        return _parse_mapping(json.dumps(value), field_type)
+    if field_type is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # "name: 123" in YAML is the text 123, as on the command line
+    return _check_element(value, field_type)
 
 
 def leaf_keys(config: Any, prefix: str = "") -> Iterator[str]:
@@ -85,6 +212,11 @@ def parse_value(raw_value: str, field_type: Any, key: str) -> Any:
 
 
 def _parse(text: str, field_type: Any) -> Any:
+    if field_type is Any:  # a dict entry of unknown type: what JSON or YAML reads, else the text itself
+        try:
+            return _structured(text)
+        except ValueError:
+            return text
     origin, args = typing.get_origin(field_type), typing.get_args(field_type)
     if origin in (typing.Union, types.UnionType):
         if text.lower() in _NONE_WORDS and type(None) in args:
@@ -119,10 +251,11 @@ def _parse_scalar(text: str, field_type: Any) -> Any:
 
 
 def _parse_sequence(text: str, field_type: Any) -> Any:
-    """Lists and tuples come as JSON arrays (``'[1, 2]'``); each element is checked against its type."""
-    items = json.loads(text)
+    """Lists and tuples come as JSON arrays (``'[1, 2]'``) or YAML flow lists (``[AIME24,AIME25]``); each
+    element is checked against its type."""
+    items = _structured(text)
     if not isinstance(items, list):
-        raise ValueError("give a JSON array such as [1, 2]")
+        raise ValueError("give a list such as [1, 2] or [AIME24,AIME25]")
     origin = typing.get_origin(field_type) or field_type
     args = typing.get_args(field_type)
     if origin is tuple and args and args[-1] is not Ellipsis:
@@ -138,15 +271,31 @@ def _parse_sequence(text: str, field_type: Any) -> Any:
 
 
 def _parse_mapping(text: str, field_type: Any) -> dict:
-    """Dicts come as JSON objects (``'{"enable_thinking": false}'``); keys and values are type-checked."""
+    """Dicts come as JSON objects (``'{"enable_thinking": false}'``) or YAML flow mappings
+    (``{enable_thinking: false}``); keys and values are type-checked."""
     try:
-        items = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f'give a JSON object such as {{"key": true}}: {error.msg}') from None
+        items = _structured(text)
+    except ValueError as error:
+        raise ValueError(f'give a JSON object such as {{"key": true}} or {{key: true}}: {error}') from None
     if not isinstance(items, dict):
-        raise ValueError('give a JSON object such as {"key": true}')
+        raise ValueError('give a JSON object such as {"key": true} or {key: true}')
     key_type, value_type = typing.get_args(field_type) or (Any, Any)
     return {_check_element(key, key_type): _check_element(value, value_type) for key, value in items.items()}
+
+
+def _structured(text: str) -> Any:
+    """JSON first (exact, as before); else the YAML flow style, through OmegaConf's loader (which reads
+    1e-5 as a float, unlike plain YAML 1.1)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    from omegaconf import OmegaConf  # torch-free; imported only when a value needs it
+
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]), resolve=False)["value"]
+    except Exception as error:  # the YAML loader's errors share no base class worth naming
+        raise ValueError(f"cannot parse {text!r}: {str(error).splitlines()[0]}") from None
 
 
 def _check_element(item: Any, element_type: Any) -> Any:
@@ -203,11 +352,20 @@ def _resolve_node(node: Any, environ: Mapping[str, str], missing: dict[str, list
 
 def _expand(text: str, environ: Mapping[str, str], missing: dict[str, list[str]], key: str) -> str:
     def substitute(match: re.Match[str]) -> str:
-        name = match.group(1)
+        resolver, name, default = match.groups()
         if name in environ:
             return environ[name]
+        if default is not None and resolver:
+            return _unquote(default.strip())
         missing.setdefault(name, []).append(key)
         return match.group(0)
 
     expanded = _PLACEHOLDER.sub(substitute, text)
     return text if expanded == text else expanded
+
+
+def _unquote(text: str) -> str:
+    """``${oc.env:VAR,'a b'}`` and ``${oc.env:VAR,"a b"}`` give ``a b``, as OmegaConf reads them."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text

@@ -1,6 +1,8 @@
-"""``python -m megatron_tropd.train --recipe <name> [key=value ...]``: build, check, then train.
+"""``python -m megatron_tropd.train --recipe <name> [--config run.yaml] [key=value ...]``: build, check,
+then train.
 
-Order matters: the recipe is built, the overrides applied, the ``${VAR}`` paths resolved from the
+Order matters: the recipe is built (a name, or ``module:function``), the YAML file applied on top
+(``megatron_tropd.config_file``), the overrides applied, the ``${VAR}`` paths resolved from the
 environment and the whole config validated against the job's ``WORLD_SIZE`` *before* torch is imported or
 any process group starts, so a typo or a layout that does not fit the job fails in a second, on every rank,
 with a message that names the fix (exit status 2). Then ``megatron_tropd.preflight`` reads the input files
@@ -28,6 +30,7 @@ from collections.abc import Mapping, Sequence
 
 from megatron_tropd import run_lock
 from megatron_tropd.config import RunConfig
+from megatron_tropd.config_file import compose, load_recipe, to_yaml
 from megatron_tropd.overrides import apply_overrides, resolve_placeholders
 from megatron_tropd.preflight import preflight_status, report_error
 from megatron_tropd.signals import StopSignals, set_parent_death_signal
@@ -36,15 +39,26 @@ logger = logging.getLogger(__name__)
 
 
 def build_config(
-    recipe: str, overrides: Sequence[str], environ: Mapping[str, str], *, strict_paths: bool = True
+    recipe: str | None,
+    overrides: Sequence[str],
+    environ: Mapping[str, str],
+    *,
+    strict_paths: bool = True,
+    config_file: str | os.PathLike | None = None,
 ) -> RunConfig:
-    """The recipe with ``overrides`` applied, ``${VAR}`` resolved and validated at ``environ["WORLD_SIZE"]``.
+    """The recipe (a name or ``module:function``) and/or the YAML ``config_file`` on top of it, with
+    ``overrides`` applied, ``${VAR}`` resolved and validated at ``environ["WORLD_SIZE"]``.
 
-    Raises ``ValueError`` with the fix on any problem; does no I/O beyond reading ``environ``.
+    Raises ``ValueError`` with the fix on any problem; reads only ``environ`` and the config files.
     """
     from recipes import get_recipe  # the recipes sit above the library in the dependency order
 
-    config = apply_overrides(get_recipe(recipe), overrides)
+    if recipe is None and config_file is None:
+        raise ValueError("give --recipe NAME (see --list), --config FILE.yaml, or both")
+    config = load_recipe(recipe, get_recipe) if recipe is not None else None
+    if config_file is not None:
+        config = compose(config_file, get_recipe, base=config)
+    config = apply_overrides(config, overrides)
     config = resolve_placeholders(config, environ, strict=strict_paths).resolved()
     config.validate(world_size=_world_size(environ))
     return config
@@ -76,13 +90,13 @@ def _train(config: RunConfig) -> int:
     return StopSignals.install().exit_status()
 
 
-def launch(recipe: str, overrides: Sequence[str] = ()) -> None:
+def launch(recipe: str | None, overrides: Sequence[str] = (), config_file: str | None = None) -> None:
     """Build and validate the run, then train; the function nemo-run's ``run.Partial`` wraps.
 
     Exits (``SystemExit``) with status 75 when the run stopped on a signal, 2 when the run lock is held.
     """
     _start_rank()
-    config = build_config(recipe, list(overrides), os.environ)
+    config = build_config(recipe, list(overrides), os.environ, config_file=config_file)
     if preflight_status(config):  # input files, before any process group; rank 0 printed the problem
         raise SystemExit(2)
     try:
@@ -99,12 +113,17 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m megatron_tropd.train",
         description="Train with a named recipe; key.sub=value arguments override its fields.",
     )
-    parser.add_argument("--recipe", help="recipe name (see --list)")
+    parser.add_argument("--recipe", help="recipe name (see --list), or module:function of your own")
     parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=1e-5 method.name=opd"
+        "--config", metavar="FILE.yaml", help="a full or partial config (with defaults:), on top of --recipe"
     )
     parser.add_argument(
-        "--print-config", action="store_true", help="print the checked config as JSON and exit"
+        "overrides", nargs="*", metavar="key=value",
+        help="e.g. optim.lr=1e-5 eval.names=[AIME24,AIME25] +data.chat_template_kwargs.x=1 ~optim.lr",
+    )  # fmt: skip
+    parser.add_argument("--print-config", action="store_true", help="print the checked config and exit")
+    parser.add_argument(
+        "--format", choices=("json", "yaml"), default="json", help="of --print-config (default json)"
     )
     parser.add_argument("--list", action="store_true", help="list the recipes and exit")
     return parser
@@ -121,16 +140,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in RECIPES:
             print(f"{name}  (world size {WORLD_SIZES[name]})")
         return 0
-    if not args.recipe:
-        print("error: --recipe is required (see --list)", file=sys.stderr)
+    if not args.recipe and not args.config:
+        print("error: --recipe or --config is required (see --list)", file=sys.stderr)
         return 2
     try:
-        config = build_config(args.recipe, args.overrides, os.environ, strict_paths=not args.print_config)
+        config = build_config(
+            args.recipe,
+            args.overrides,
+            os.environ,
+            strict_paths=not args.print_config,
+            config_file=args.config,
+        )
     except ValueError as error:
         report_error(error)  # rank 0 only: one message per job
         return 2
     if args.print_config:
-        print(json.dumps(dataclasses.asdict(config), indent=2))
+        print(to_yaml(config) if args.format == "yaml" else json.dumps(dataclasses.asdict(config), indent=2))
         return 0
     if preflight_status(config):  # input files, before any process group; rank 0 printed the problem
         return 2

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron_tropd import run_lock
 from megatron_tropd.batch import RolloutBatch
 from megatron_tropd.config import CheckpointConfig, RunConfig
+from megatron_tropd.config_file import write_yaml
 from megatron_tropd.console import configure_console
 from megatron_tropd.data import Prompt, PromptSampler, Tokenizer, load_run_prompts, run_tokenizer
 from megatron_tropd.guidance import draw_prefix_lengths, guided_samples_per_prompt, max_prefix_length
@@ -354,6 +355,7 @@ def run(config: RunConfig) -> list[dict]:
     log, records = MetricsLog.for_job(job, loop_state["step"]), []
     if log.active:
         (job.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+        write_yaml(config, job.run_dir / "config.yaml")  # `--config <run dir>/config.yaml` reruns it
     try:
         if job.evaluation is not None and loop_state["step"] == 0:
             log.write_eval(0, evaluate_student(job, 0))  # the starting point of the accuracy curve

@@ -91,11 +91,17 @@ def local_executor(nproc: int, env_vars: dict[str, str] | None = None) -> run.Lo
     return run.LocalExecutor(ntasks_per_node=nproc, launcher="torchrun", env_vars=dict(env_vars or {}))
 
 
-def training_task(recipe: str, overrides: Sequence[str]) -> run.Partial:
-    """The function every rank runs: build, validate, train (``megatron_tropd.train.launch``)."""
+def training_task(
+    recipe: str | None, overrides: Sequence[str], config_file: str | None = None
+) -> run.Partial:
+    """The function every rank runs: build, validate, train (``megatron_tropd.train.launch``).
+
+    A config file travels as its absolute path: the ranks read it where the job runs (a shared file
+    system, or a mount of the container)."""
     from megatron_tropd.train import launch
 
-    return run.Partial(launch, recipe=recipe, overrides=list(overrides))
+    extra = {"config_file": os.path.abspath(config_file)} if config_file else {}
+    return run.Partial(launch, recipe=recipe, overrides=list(overrides), **extra)
 
 
 def experiment_title(recipe: str) -> str:
@@ -120,16 +126,20 @@ def render_sbatch(executor: run.SlurmExecutor, task: run.Partial, name: str, job
     return info.request.materialize()
 
 
-def check_recipe(recipe: str, overrides: Sequence[str], world_size: int) -> None:
+def check_recipe(
+    recipe: str | None, overrides: Sequence[str], world_size: int, config_file: str | None = None
+) -> None:
     """Fail before submission if the recipe does not fit ``world_size`` ranks (``${VAR}`` left as is)."""
     from megatron_tropd.train import build_config
 
-    build_config(recipe, overrides, {"WORLD_SIZE": str(world_size)}, strict_paths=False)
+    environ = {"WORLD_SIZE": str(world_size)}
+    build_config(recipe, overrides, environ, strict_paths=False, config_file=config_file)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Launch a megatron_tropd recipe with nemo-run.")
-    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--recipe", help="a recipe name or module:function (or give --config)")
+    parser.add_argument("--config", metavar="FILE.yaml", help="a config file, on top of --recipe if given")
     parser.add_argument("--executor", choices=("slurm", "local"), required=True)
     parser.add_argument("--dryrun", action="store_true", help="print the job (sbatch script) and exit")
     parser.add_argument("--detach", action="store_true", help="return once the job is submitted")
@@ -174,20 +184,27 @@ def build_executor(args: argparse.Namespace) -> tuple[run.Executor, int]:
     return executor, args.nodes * ranks_per_node
 
 
+def _job_name(recipe: str | None, config_file: str | None) -> str:
+    """The recipe's name, else the config file's stem; nemo-run uses it in paths, so no ':' or dots."""
+    name = recipe or os.path.splitext(os.path.basename(config_file or "tropd"))[0]
+    return name.replace(":", "-").replace(".", "-")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         executor, world_size = build_executor(args)
-        check_recipe(args.recipe, args.overrides, world_size)
+        check_recipe(args.recipe, args.overrides, world_size, args.config)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    task = training_task(args.recipe, args.overrides)
+    task = training_task(args.recipe, args.overrides, args.config)
+    name = _job_name(args.recipe, args.config)
     if args.dryrun and isinstance(executor, run.SlurmExecutor):
-        print(render_sbatch(executor, task, args.recipe, args.job_dir))
+        print(render_sbatch(executor, task, name, args.job_dir))
         return 0
-    with run.Experiment(experiment_title(args.recipe), base_dir=args.job_dir) as experiment:
-        experiment.add(task, executor=executor, name=args.recipe)
+    with run.Experiment(experiment_title(name), base_dir=args.job_dir) as experiment:
+        experiment.add(task, executor=executor, name=name)
         if args.dryrun:
             experiment.dryrun()  # prints the rendered job (the sbatch script for Slurm); submits nothing
         else:

@@ -119,7 +119,8 @@ def test_8node_script_launches_64_ranks_with_torch_distributed_env(slurm):
         'exec "${TROPD_PYTHON:-python}" -m megatron_tropd.train --recipe "$TROPD_RECIPE" "$@"'
     )
     assert (log / "srun.argv").read_text().split("\n")[:-1] == [
-        "--kill-on-bad-exit=1",
+        "--kill-on-bad-exit=0",  # a rank's 75 after its save must not get its peers killed mid-teardown
+        "--wait=120",
         "--nodes=8",
         "--ntasks-per-node=8",
         f"--chdir={REPO}",
@@ -155,12 +156,12 @@ def test_container_flags_only_with_an_image(slurm):
     assert _run(SCRIPT_8NODE, env).returncode == 0
     argv = (log / "srun.argv").read_text().splitlines()
     run_dir = env["TROPD_RUN_DIR"]
-    assert argv[6:9] == [
+    assert argv[7:10] == [
         "--container-image=nvcr.io/nvidia/pytorch:25.09-py3",
         f"--container-mounts={run_dir}:{run_dir},{REPO}:{REPO},/lustre:/lustre",
         f"--container-workdir={REPO}",
     ]
-    assert argv[9:11] == ["bash", "-c"]
+    assert argv[10:12] == ["bash", "-c"]
 
 
 def test_a_wrong_code_dir_is_refused(slurm):
@@ -204,7 +205,7 @@ def test_1node_script_runs_the_same_job_on_its_allocation(slurm):
     env = {**env, "SLURM_JOB_NODELIST": "node001", "SLURM_NNODES": "1", "SLURM_NTASKS": "8"}
     result = _run(SCRIPT_1NODE, env)
     assert result.returncode == 0, result.stderr
-    assert (log / "srun.argv").read_text().splitlines()[1:3] == ["--nodes=1", "--ntasks-per-node=8"]
+    assert (log / "srun.argv").read_text().splitlines()[2:4] == ["--nodes=1", "--ntasks-per-node=8"]
     lines = (log / "ranks.log").read_text().splitlines()
     assert [line.split()[:3] for line in lines] == [
         [f"RANK={r}", f"LOCAL_RANK={r}", "WORLD_SIZE=8"] for r in range(8)
@@ -466,14 +467,15 @@ def test_local_executor_runs_every_rank_through_torchrun(nemo_run, tmp_path):
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(FAKE_TRAINER)
-    result = _launch_local(
-        tmp_path, {"PYTHONPATH": str(site), "FAKE_TRAINER_LOG": str(tmp_path)}, "train_steps=2"
-    )
+    config_file = tmp_path / "run.yaml"  # travels to the ranks as a path; the override still wins
+    config_file.write_text("name: from_yaml\ntrain_steps: 5\n")
+    env = {"PYTHONPATH": str(site), "FAKE_TRAINER_LOG": str(tmp_path)}
+    result = _launch_local(tmp_path, env, "--config", str(config_file), "train_steps=2")
     assert result.returncode == 0, result.stdout + result.stderr
     import json
 
     records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
-    assert records == [{"name": "tiny_cpu_tropd", "steps": 2, "world": "2"}] * 2
+    assert records == [{"name": "from_yaml", "steps": 2, "world": "2"}] * 2
 
 
 @pytest.mark.slow

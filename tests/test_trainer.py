@@ -16,6 +16,7 @@ import pytest
 
 from megatron_tropd import train
 from megatron_tropd.config import METHOD_NAMES
+from megatron_tropd.config_file import compose
 from megatron_tropd.methods import METHOD_SPECS
 from megatron_tropd.spawn import run_on_ranks
 from recipes import get_recipe
@@ -137,6 +138,8 @@ def test_loop_trains_logs_checkpoints_and_resumes_exactly(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [0, 1, 2]
     assert (tmp_path / "straight" / "checkpoints" / "latest").read_text().strip() == "step-0000003"
+    written = compose(tmp_path / "straight" / "config.yaml", get_recipe)
+    assert written == _config(tmp_path / "straight", 3)  # the run's config.yaml reruns the same run
 
     with pytest.raises(Exception):  # noqa: B017 - whatever the launcher reports for a killed rank
         run_on_ranks(killed_worker, 2, _config(tmp_path / "resumed", 3), 2)
