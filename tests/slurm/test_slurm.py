@@ -132,6 +132,9 @@ def release_requeued(job_id: str, restarts: int, run_dir: Path) -> None:
         lambda: (info := job_info(job_id))["JobState"] == "PENDING" and int(info["Restarts"]) >= restarts,
         f"job {job_id} to be requeued (restart {restarts})", run_dir,
     )  # fmt: skip
+    # slurmd revokes the ended instance's credential with a one-second resolution and refuses a new one
+    # issued in the same second ("Job credential revoked"), which Slurm's own requeue delay avoids.
+    time.sleep(2.0)
     _run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
 
