@@ -40,6 +40,10 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+STUDENT_PRECISIONS = ("auto", "bf16", "fp32")
+TEACHER_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
 def _check_choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(
@@ -370,6 +374,8 @@ class DataConfig:
 RESUME_MODES = ("auto", "required", "never")
 ON_DAMAGED = ("fail", "previous")
 """What a resume does with a damaged checkpoint (``checkpoint.on_damaged``, ``load_checkpoint``)."""
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
+"""The DistributedOptimizer's state on disk (``checkpoint.optimizer_format``, ``save_checkpoint``)."""
 _RESUME_ALIASES = {True: "auto", False: "never"} | {
     word: mode
     for words, mode in ((("true", "yes", "on"), "auto"), (("false", "no", "off"), "never"))
@@ -413,6 +419,11 @@ class CheckpointConfig:
     naming the files) or ``previous`` (resume the newest intact earlier step, with a warning; the damaged
     directory is moved aside as ``damaged-step-...``, never deleted)."""
 
+    optimizer_format: str = "dp_reshardable"
+    """How the distributed optimizer's state is saved: ``dp_reshardable`` (each rank writes its own shard,
+    no gather; a resume must keep the student's TP and PP, any DP) or ``fully_reshardable`` (gathered over
+    DP while saving; resumable on any layout). The non-distributed optimizer always reshards freely."""
+
     def __post_init__(self) -> None:
         self.resume = _resume_mode(self.resume)
 
@@ -421,6 +432,7 @@ class CheckpointConfig:
         _check_int("checkpoint.keep_last", self.keep_last, 1, "checkpoints kept")
         _check_choice("checkpoint.resume", self.resume, RESUME_MODES)
         _check_choice("checkpoint.on_damaged", self.on_damaged, ON_DAMAGED)
+        _check_choice("checkpoint.optimizer_format", self.optimizer_format, OPTIMIZER_FORMATS)
 
 
 @dataclass
@@ -516,13 +528,29 @@ class LoggingConfig:
 
 @dataclass
 class TrainConfig:
-    """How the update loop reacts to non-finite steps."""
+    """The models' precision, and how the update loop reacts to non-finite steps."""
 
     max_nonfinite_steps: int = 3
     """Stop the run after this many consecutive updates skipped for a non-finite loss or gradient."""
 
+    precision: str = "auto"
+    """The student's parameters and activations: ``bf16`` (fp32 main weights, gradients and optimizer
+    state, as Megatron's mixed-precision optimizer keeps them), ``fp32``, or ``auto`` (bf16 on a GPU, fp32
+    on the CPU). No fp16: its loss scaler skips overflowing steps, which the non-finite guard would count."""
+
+    teacher_precision: str = "auto"
+    """The frozen teacher's parameters and activations: ``bf16``, ``fp16``, ``fp32`` or ``auto`` (as the
+    student's ``auto``). Its top-k log-probs are computed in fp32 whatever its precision."""
+
     def validate(self) -> None:
         _check_int("train.max_nonfinite_steps", self.max_nonfinite_steps, 1, "consecutive skipped updates")
+        if self.precision == "fp16":
+            raise ValueError(
+                "train.precision = 'fp16' is not offered for the student: fp16 training needs a dynamic loss "
+                "scaler, whose skipped overflow steps the non-finite guard would count; use bf16 (or fp32)"
+            )
+        _check_choice("train.precision", self.precision, STUDENT_PRECISIONS)
+        _check_choice("train.teacher_precision", self.teacher_precision, TEACHER_PRECISIONS)
 
 
 @dataclass

@@ -9,7 +9,7 @@ on disk, and the same walk at load names each file that is missing, of another s
 
 XXH3-128 reads at memory bandwidth (several GB/s per core), so hashing costs about as much as reading the
 files once; the work is split over ranks by file (``share``), each hashing ``names[rank::world]``.
-Torch-free: the collective wrappers live in ``checkpoint``.
+Torch-free: the collective wrappers live in ``checkpoint.manifest``.
 """
 
 from __future__ import annotations

@@ -38,8 +38,11 @@ from megatron_tropd.rollout.engine import (
 from megatron_tropd.rollout.text import generate_data_parallel
 from megatron_tropd.signals import StopSignals
 
-if TYPE_CHECKING:  # the evaluation modules load only when eval.interval > 0
+if TYPE_CHECKING:  # the evaluation modules load only when eval.interval > 0; Megatron only at setup
     from megatron_tropd.eval.scoring import Generate
+    from megatron_tropd.rollout.engine import GenerationEngine
+    from megatron_tropd.topology import Topology
+    from megatron_tropd.training import Student
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +52,11 @@ class Job:
     """Everything the loop holds on this rank."""
 
     config: RunConfig
-    topology: object
-    student: object  # training.Student
+    topology: Topology
+    student: Student
     teacher: torch.nn.Module
-    student_engine: object  # rollout GenerationEngine on the student's layout
-    teacher_engine: object
+    student_engine: GenerationEngine  # on the student's layout
+    teacher_engine: GenerationEngine  # on the teacher's layout
     sampler: PromptSampler
     eos_token_id: int | None
     run_dir: Path
@@ -99,6 +102,7 @@ def _build_models(config: RunConfig):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_tropd.checkpoint import load_model_weights
+    from megatron_tropd.models import params_dtype_for
     from megatron_tropd.teacher import build_teacher
     from megatron_tropd.topology import ParallelLayout, build_topology
     from megatron_tropd.training import build_student
@@ -109,12 +113,16 @@ def _build_models(config: RunConfig):
         ParallelLayout(p.teacher_tensor_parallel, p.teacher_pipeline_parallel),
     )
     model_parallel_cuda_manual_seed(config.seed)
-    student = build_student(config.student, config.optim, topology.student, config.train_steps, config.seed)
+    student = build_student(
+        config.student, config.optim, topology.student, config.train_steps, config.seed,
+        params_dtype=params_dtype_for(config.train.precision),
+    )  # fmt: skip
     if config.checkpoint.student_init:
         load_model_weights(config.checkpoint.student_init, student.module, config.student)
     teacher = build_teacher(
-        config.teacher, topology.teacher, seed=config.seed + 1, checkpoint=config.checkpoint.teacher
-    )
+        config.teacher, topology.teacher, seed=config.seed + 1, checkpoint=config.checkpoint.teacher,
+        params_dtype=params_dtype_for(config.train.teacher_precision),
+    )  # fmt: skip
     return topology, student, teacher
 
 
@@ -303,7 +311,7 @@ class StopRequest:
 
 def train_one_step(job: Job, step: int) -> dict:
     """Rollout -> score -> trust draw -> (updates_per_batch) optimizer updates; returns the step's log."""
-    from megatron_tropd.teacher import ScoringSpec, score_batch
+    from megatron_tropd.scoring import ScoringSpec, score_batch
     from megatron_tropd.training import batch_context, train_step
 
     config = job.config
@@ -336,9 +344,11 @@ def _save(job: Job, step: int) -> None:
     from megatron_tropd.checkpoint import save_checkpoint
 
     loop_state = {"step": step, "data_position": job.sampler.position}
+    checkpoint = job.config.checkpoint
     save_checkpoint(
-        job.run_dir / "checkpoints", step, job.student, loop_state, job.config.checkpoint.keep_last
-    )
+        job.run_dir / "checkpoints", step, job.student, loop_state, checkpoint.keep_last,
+        optimizer_format=checkpoint.optimizer_format,
+    )  # fmt: skip
 
 
 def run(config: RunConfig) -> list[dict]:
@@ -352,7 +362,9 @@ def run(config: RunConfig) -> list[dict]:
     stop = StopRequest()  # before the models exist: a signal during set-up waits for the first step
     lock = run_lock.take(config.checkpoint.save_dir)  # rank 0: refuse a second live job on this root
     job, loop_state = setup(config)
-    log, records = MetricsLog.for_job(job, loop_state["step"]), []
+    reporting = job.topology.student.is_reporting_rank
+    log = MetricsLog.for_run(config, job.run_dir, active=reporting, start_step=loop_state["step"])
+    records = []
     if log.active:
         (job.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
         write_yaml(config, job.run_dir / "config.yaml")  # `--config <run dir>/config.yaml` reruns it

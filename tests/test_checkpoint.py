@@ -12,6 +12,10 @@ Four spawns share one directory (the parent test process edits files between the
    read-only into the teacher's layout.
 4. ``dp_only_worker`` (one process): resumes the ``dp_reshardable`` checkpoint at DP1.
 
+The training loop itself (``trainer.run`` on the ``tiny_cpu`` recipe, ``loop_runs``) saves the
+DistributedOptimizer with ``checkpoint.optimizer_format=fully_reshardable`` at TP2 and resumes it at TP1,
+and back; the default format is refused on another TP size with a message naming that setting.
+
 Exact resume is bitwise on CPU: the same fp32 reductions run in the same order. On another TP size the
 matmul and all-reduce split changes the summation order, so values agree to fp32 rounding: losses within
 1e-6 absolute and parameters within 1e-6 (measured differences are ~1e-8).
@@ -145,16 +149,17 @@ def _simulated_crash(*args):
 def _crashed_save(rank, student, root: Path):
     """Save step 1, crash while publishing step 2, save step 3; what the root looked like at each point."""
     from megatron_tropd import checkpoint
+    from megatron_tropd.checkpoint import save
 
     checkpoint.save_checkpoint(root, 1, student, {"step": 1})
     before = (
         (_tree_digest(root / "step-0000001"), (root / "latest").stat().st_mtime_ns) if rank == 0 else None
     )
-    publish, checkpoint._publish_step = checkpoint._publish_step, _simulated_crash
+    publish, save.publish_step = save.publish_step, _simulated_crash
     try:
         error = _error_of(checkpoint.save_checkpoint, root, 2, student, {"step": 2})
     finally:
-        checkpoint._publish_step = publish
+        save.publish_step = publish
     torch.distributed.barrier()
     after = None
     if rank == 0:
@@ -448,7 +453,9 @@ def test_optimizer_state_that_cannot_resume_is_refused(runs):
     for result in runs["resharded"]:
         error = result["errors"]["dp_reshardable_other_tp"]
         assert error.startswith("CheckpointError") and "dp_reshardable" in error
-        assert "TP=1" in error and "TP=2" in error and "optimizer_format='fully_reshardable'" in error
+        assert (
+            "TP=1" in error and "TP=2" in error and "checkpoint.optimizer_format=fully_reshardable" in error
+        )
         error = result["errors"]["optimizer_kind"]
         assert "non-distributed optimizer" in error and "optim.use_distributed_optimizer=False" in error
 
@@ -557,3 +564,117 @@ def test_on_damaged_previous_resumes_the_newest_intact_step(runs):
             only_damaged.startswith("CheckpointError: no intact checkpoint")
             and "step-0000002" in only_damaged
         )
+
+
+def test_publish_directory_replaces_an_output_only_once_the_new_one_is_in_place(tmp_path):
+    """The atomic publish shared by checkpoint saves and HF conversion, on one process."""
+    from megatron_tropd.checkpoint.atomic import fsync_files, publish_directory
+
+    staging, final, aside = tmp_path / ".new", tmp_path / "out", tmp_path / ".old"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    (staging / "sub").mkdir(parents=True)
+    (staging / "sub" / "new.txt").write_text("new")
+    fsync_files(staging)
+    assert publish_directory(staging, final, aside=aside) == aside  # the caller deletes it
+    assert (final / "sub" / "new.txt").read_text() == "new" and (aside / "old.txt").read_text() == "old"
+    assert not staging.exists()
+    other = tmp_path / ".other"
+    other.mkdir()
+    (other / "x.txt").write_text("x")
+    with pytest.raises(OSError):  # without ``aside`` an existing directory is never replaced
+        publish_directory(other, final)
+    assert (other / "x.txt").exists() and (final / "sub" / "new.txt").exists()
+    assert publish_directory(other, tmp_path / "fresh") is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training loop resumed on another tensor-parallel size (recipe tiny_cpu, DistributedOptimizer)
+# ---------------------------------------------------------------------------------------------------------
+
+LOOP_STEPS = 5  # every run of the loop trains towards the same step: the LR schedule depends on it
+LOSS_RTOL = 1e-5  # fp32 rounding of another TP split: measured up to 3e-6 relative, 1e-8 absolute; a loss
+# near zero (its terms have both signs) is held to RESHARD_ATOL instead. A resume that lost the optimizer
+# state misses the steps after its first by 15% or more, far outside both.
+
+
+def _loop_config(save_dir: Path, tensor_parallel: int, optimizer_format: str, save_interval: int = 2):
+    from megatron_tropd.overrides import apply_overrides
+    from recipes import get_recipe
+
+    config = apply_overrides(
+        get_recipe("tiny_cpu"),
+        [
+            f"checkpoint.save_dir={save_dir}",
+            f"parallel.student_tensor_parallel={tensor_parallel}",
+            f"checkpoint.optimizer_format={optimizer_format}",
+        ],
+    )
+    checkpoint = dataclasses.replace(config.checkpoint, save_interval=save_interval, keep_last=3)
+    return dataclasses.replace(config, checkpoint=checkpoint, train_steps=LOOP_STEPS)
+
+
+def loop_worker(rank, world_size, config):
+    """``trainer.run``: the (step, loss) of each step it trained, or the ``CheckpointError`` it raised."""
+    from megatron_tropd import checkpoint
+    from megatron_tropd.trainer import run
+
+    try:
+        return [(record["step"], record["loss"]) for record in run(config)]
+    except checkpoint.CheckpointError as error:
+        return f"CheckpointError: {error}"
+
+
+def _loop_losses(config) -> dict[int, float]:
+    """The losses by step of one run (the reporting rank logs them)."""
+    per_rank = run_on_ranks(loop_worker, 2, config)
+    return {step: loss for records in per_rank for step, loss in records}
+
+
+def _stop_after(root: Path, step: int) -> None:
+    """The run in ``root`` as if it had stopped once ``step`` was saved."""
+    checkpoints = root / "checkpoints"
+    for directory in checkpoints.glob("step-*"):
+        if int(directory.name.removeprefix("step-")) > step:
+            shutil.rmtree(directory)
+    (checkpoints / "latest").write_text(f"step-{step:07d}\n")
+
+
+@pytest.fixture(scope="module")
+def loop_runs(tmp_path_factory):
+    """TP2 x DP1 straight for 5 steps, saving ``fully_reshardable`` at step 2; from step 2 at TP1 x DP2
+    (saving every step); from that run's step 3 at TP2 x DP1 again, saving ``dp_reshardable``; then a TP1
+    resume of that run's last checkpoint, which must be refused.
+
+    Each resume trains at least two steps: the first step's loss depends on the restored weights only,
+    the second's also on the restored optimizer state."""
+    base = tmp_path_factory.mktemp("loop_layouts")
+    resumed = base / "resumed"
+    straight = _loop_losses(_loop_config(base / "straight", 2, "fully_reshardable"))
+    shutil.copytree(base / "straight", resumed)
+    _stop_after(resumed, 2)
+    on_tp1 = _loop_losses(_loop_config(resumed, 1, "fully_reshardable", save_interval=1))
+    _stop_after(resumed, 3)
+    back_on_tp2 = _loop_losses(_loop_config(resumed, 2, "dp_reshardable"))
+    refused = run_on_ranks(loop_worker, 2, _loop_config(resumed, 1, "dp_reshardable"))
+    return {"straight": straight, "on_tp1": on_tp1, "back_on_tp2": back_on_tp2, "refused": refused}
+
+
+@pytest.mark.slow
+def test_loop_resumes_the_distributed_optimizer_on_another_tensor_parallel_size(loop_runs):
+    """Saved at TP2 and resumed at TP1, then saved at TP1 and resumed at TP2: each resumed step's loss is
+    the uninterrupted TP2 run's to fp32 rounding."""
+    straight, on_tp1, back_on_tp2 = loop_runs["straight"], loop_runs["on_tp1"], loop_runs["back_on_tp2"]
+    assert sorted(straight) == list(range(LOOP_STEPS)) and len(set(straight.values())) == LOOP_STEPS
+    assert sorted(on_tp1) == [2, 3, 4] and sorted(back_on_tp2) == [3, 4]
+    for resumed in (on_tp1, back_on_tp2):
+        for step, loss in resumed.items():
+            assert loss == pytest.approx(straight[step], rel=LOSS_RTOL, abs=RESHARD_ATOL), step
+
+
+@pytest.mark.slow
+def test_loop_refuses_the_default_optimizer_format_on_another_layout_naming_the_setting(loop_runs):
+    for error in loop_runs["refused"]:
+        assert error.startswith("CheckpointError") and "step-0000005 was saved at TP=2" in error, error
+        assert "'dp_reshardable'" in error and "the student runs TP=1" in error
+        assert "checkpoint.optimizer_format=fully_reshardable" in error

@@ -15,10 +15,11 @@ cannot build, every tensor's name and shape) is refused before any process group
 (``check_import_inputs``). A NaN or inf weight is refused naming the tensor: on import as each rank reads
 its HF tensors, on export as each HF tensor is written (an overflow of the export dtype included).
 
-Both write into a hidden sibling directory and rename it into place at the end: an output directory is
-complete or absent. An existing output is refused unless ``force``; then it is replaced only once the new one
-is complete. Both are collective over the default process group (gloo or NCCL); ``import_job`` /
-``export_job`` are the per-rank entry points that ``tools/convert.py`` spawns or runs under torchrun.
+Both write into a hidden sibling directory, sync it to disk and rename it into place at the end
+(``checkpoint.atomic``): an output directory is complete or absent, also after a crash. An existing output
+is refused unless ``force``; then it is replaced only once the new one is complete. Both are collective
+over the default process group (gloo or NCCL); ``import_job`` / ``export_job`` are the per-rank entry
+points that ``tools/convert.py`` spawns or runs under torchrun.
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ import torch.distributed as dist
 from megatron_tropd.checkpoint import (
     CHECKPOINT_METADATA,
     CheckpointError,
-    _on_rank0,  # rank-0 decisions raised on every rank: the same contract as checkpoint saves
     latest_checkpoint,
     load_model_weights,
     save_model_weights,
 )
+from megatron_tropd.checkpoint.atomic import fsync_files, publish_directory
+from megatron_tropd.checkpoint.collective import on_rank0  # rank-0 decisions raised on every rank
 from megatron_tropd.hf.mapping import (
     IGNORED_HF_SUFFIXES,
     TensorMapping,
@@ -430,7 +432,7 @@ def _fill_stage_from_hf(model, checkpoint: HfCheckpoint) -> None:
 
 def _new_staging_dir(out: Path) -> Path:
     """A hidden sibling of ``out`` (same file system: the final rename is atomic), one name on all ranks."""
-    nonce = _on_rank0(secrets.token_hex, 4)
+    nonce = on_rank0(secrets.token_hex, 4)
     return out.parent / f".{out.name}.converting-{nonce}"
 
 
@@ -447,12 +449,10 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
 
 
 def _publish(staging: Path, out: Path) -> None:
-    """Rank 0: move the complete ``staging`` to ``out``; an existing ``out`` goes only after that."""
-    replaced = None
-    if out.exists():  # force was checked by the caller
-        replaced = out.parent / f"{staging.name}.replaced"
-        out.rename(replaced)
-    staging.rename(out)
+    """Rank 0: sync the complete ``staging`` to disk and rename it to ``out``; an existing ``out`` (force was
+    checked by the caller) is deleted only after that."""
+    fsync_files(staging)  # safetensors and json writes are not synced by their writers
+    replaced = publish_directory(staging, out, aside=out.parent / f"{staging.name}.replaced")
     if replaced is not None:
         shutil.rmtree(replaced)
 
@@ -484,9 +484,9 @@ def hf_to_megatron(
     staging = _new_staging_dir(out)
     try:
         save_model_weights(staging, model, checkpoint.model_config)
-        _on_rank0(_finish_import, staging, out, checkpoint)
+        on_rank0(_finish_import, staging, out, checkpoint)
     finally:
-        _on_rank0(shutil.rmtree, staging, True)  # only left over after a failure
+        on_rank0(shutil.rmtree, staging, True)  # only left over after a failure
     logger.info("converted %s -> %s (TP=%d, PP=%d)", hf_dir, out, tensor_parallel, pipeline_parallel)
     return out
 
@@ -644,7 +644,7 @@ def megatron_to_hf(
     model, _ = _build_model(config, 1, 1)
     load_model_weights(directory, model, config)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _on_rank0(_write_hf_dir, model, config, directory, out, dtype, max_shard_bytes)
+    on_rank0(_write_hf_dir, model, config, directory, out, dtype, max_shard_bytes)
     logger.info("exported %s -> %s", directory, out)
     return out
 
