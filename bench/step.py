@@ -70,7 +70,7 @@ def _timed(fn):
 
 def bench_worker(rank, world_size, args, tensor_parallel):
     from megatron_tropd.platform import default_device
-    from megatron_tropd.teacher import ScoringSpec, score_batch
+    from megatron_tropd.scoring import ScoringSpec, score_batch
     from megatron_tropd.training import batch_context, train_step
 
     topology, student, teacher, student_config = _build(args, tensor_parallel)

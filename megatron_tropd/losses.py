@@ -10,8 +10,7 @@ Layout, top to bottom:
 - One small function per loss and ``LOSS_FUNCTIONS``, bound to the methods of ``methods.METHOD_SPECS``
   (the one table of methods and their needs) as ``METHOD_REGISTRY``.
 - ``token_loss`` (the method on student tokens, the guidance term on teacher-prefix tokens when guidance
-  is on),
-  ``microbatch_loss`` (global token normalisation) and ``megatron_loss_func`` (Megatron's contract).
+  is on) and ``megatron_loss_func`` (Megatron's contract, with global token normalisation).
 
 All objectives of the paper are maximised; everything here is written as a loss to minimise.
 """
@@ -173,21 +172,6 @@ def entropy_quantile_threshold(
     return float(torch.topk(selected, num_keep).values[-1].item())
 
 
-def make_method_context(
-    config: MethodConfig,
-    signals: TokenSignals,
-    step: int,
-    total_steps: int,
-    dp_group: dist.ProcessGroup | None = None,
-    guidance: bool | None = None,
-) -> MethodContext:
-    """Build the context of one rollout batch; ``signals`` are this rank's tokens of the whole batch."""
-    return method_context(
-        config, signals.entropy_student_old, signals.student_token_mask, step, total_steps, dp_group,
-        guidance=guidance,
-    )  # fmt: skip
-
-
 def method_context(
     config: MethodConfig,
     entropy_student_old: torch.Tensor,
@@ -197,7 +181,8 @@ def method_context(
     dp_group: dist.ProcessGroup | None = None,
     guidance: bool | None = None,
 ) -> MethodContext:
-    """``make_method_context`` from the two inputs it reads (available before the student's forward)."""
+    """The context of one rollout batch from this rank's student entropies and token mask over the whole
+    batch (available before the student's forward)."""
     if not 0 <= step < total_steps:
         raise ValueError(f"step must lie in [0, total_steps = {total_steps}); got {step}")
     fraction_field = method_spec(config.name).entropy_fraction
@@ -265,7 +250,7 @@ def _require_threshold(context: MethodContext, method: str) -> float:
     if context.entropy_threshold is None:
         raise ValueError(
             f"method {method!r} selects tokens by student entropy but MethodContext.entropy_threshold is "
-            "None; build the context with make_method_context(...) over the whole rollout batch"
+            "None; build the context with method_context(...) over the whole rollout batch"
         )
     return context.entropy_threshold
 
@@ -499,33 +484,6 @@ def token_metrics(signals: TokenSignals, result: MethodLoss) -> dict[str, torch.
     return metrics
 
 
-def count_valid_tokens(loss_mask: torch.Tensor, dp_group: dist.ProcessGroup | None = None) -> int:
-    """Loss-bearing tokens of the global batch: this rank's tokens (all microbatches) summed over DP."""
-    count = loss_mask.sum().to(torch.int64).reshape(1)
-    if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(count, group=dp_group)
-    return int(count.item())
-
-
-def microbatch_loss(
-    signals: TokenSignals, config: MethodConfig, context: MethodContext, global_valid_tokens: int
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``sum(loss * mask) / global_valid_tokens`` and the microbatch's metrics.
-
-    Dividing by the global count (``count_valid_tokens`` over the whole batch and DP group) instead of
-    the microbatch's own count makes the sum over microbatches and DP ranks equal the token-mean loss of
-    the whole batch, so gradient accumulation and DP size do not change the update.
-    """
-    if global_valid_tokens < signals.loss_mask.sum().item():
-        raise ValueError(
-            f"global_valid_tokens = {global_valid_tokens} is smaller than this microbatch's own "
-            f"{int(signals.loss_mask.sum())} valid tokens; pass the count over the whole global batch"
-        )
-    result = token_loss(signals, config, context)
-    loss = result.loss.sum() / max(global_valid_tokens, 1)
-    return loss, token_metrics(signals, result)
-
-
 def loss_sum_and_metrics(
     signals: TokenSignals, config: MethodConfig, context: MethodContext
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -533,7 +491,8 @@ def loss_sum_and_metrics(
 
     With ``calculate_per_token_loss=True`` the schedule backpropagates ``loss_sum`` as is, sums
     ``num_tokens`` over microbatches, and ``finalize_model_grads`` all-reduces that count over DP (x CP)
-    and scales the gradients by its inverse: the same global token normalisation as ``microbatch_loss``.
+    and scales the gradients by its inverse: the loss is normalised by the global batch's token count, so
+    gradient accumulation and DP size do not change the update.
     ``num_tokens`` is an int tensor because the schedule accumulates it into an int counter.
     """
     result = token_loss(signals, config, context)

@@ -22,12 +22,9 @@ import secrets
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from megatron_tropd.config import LoggingConfig
-
-if TYPE_CHECKING:
-    from megatron_tropd.trainer import Job
+from megatron_tropd.config import LoggingConfig, RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -192,14 +189,13 @@ class MetricsLog:
             self.bar = self._progress_bar(run_name, start_step)
 
     @classmethod
-    def for_job(cls, job: Job, start_step: int = 0) -> MetricsLog:
-        """The log of ``job``, active on the student's reporting rank (last stage, DP and TP rank 0)."""
-        groups = job.topology.student
-        active = groups.is_last_stage and groups.position.dp_rank == 0 and groups.position.tp_rank == 0
-        config = job.config
+    def for_run(
+        cls, config: RunConfig, run_dir: str | Path, *, active: bool, start_step: int = 0
+    ) -> MetricsLog:
+        """The log of the run ``config`` in ``run_dir``; ``active`` on the reporting rank only."""
         config_dict = json.loads(json.dumps(asdict(config), default=str))  # what config.json holds
         return cls(
-            job.run_dir, config.logging, active=active, total_steps=config.train_steps,
+            run_dir, config.logging, active=active, total_steps=config.train_steps,
             start_step=start_step, run_name=config.name, config_dict=config_dict,
         )  # fmt: skip
 

@@ -89,6 +89,11 @@ class ModelGroups:
     def is_last_stage(self) -> bool:
         return self.position.pp_rank == self.layout.pipeline_parallel - 1
 
+    @property
+    def is_reporting_rank(self) -> bool:
+        """The one rank whose reduced metrics are logged: last stage, data- and tensor-parallel rank 0."""
+        return self.is_last_stage and self.position.dp_rank == 0 and self.position.tp_rank == 0
+
 
 @dataclass
 class Topology:
@@ -177,3 +182,14 @@ def build_topology(student: ParallelLayout, teacher: ParallelLayout) -> Topology
     pgs = _explicit_pg_collection(teacher, teacher_dp, me)
     pipeline = tuple(_ranks_varying(teacher, teacher_dp, me, ("pp_rank",)))
     return Topology(student_groups, ModelGroups(teacher, teacher_dp, me, pgs, pipeline), world_size, rank)
+
+
+def data_parallel_rows(num_rows: int, data_parallel: int, dp_rank: int) -> slice:
+    """The contiguous rows of the global batch that data-parallel rank ``dp_rank`` owns."""
+    if num_rows % data_parallel:
+        raise ValueError(
+            f"the global batch of {num_rows} sequences does not split over {data_parallel} data-parallel "
+            "ranks; make the number of rollouts per step a multiple of every model's data-parallel size"
+        )
+    per_rank = num_rows // data_parallel
+    return slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)

@@ -607,7 +607,7 @@ def trainer_teacher_worker(rank: int, world_size: int, teacher_dir: Path, tokens
 
     from megatron_tropd.batch import RolloutBatch
     from megatron_tropd.hf.convert import read_megatron_config
-    from megatron_tropd.teacher import ScoringSpec, score_batch
+    from megatron_tropd.scoring import ScoringSpec, score_batch
     from megatron_tropd.trainer import setup
     from recipes import get_recipe
 

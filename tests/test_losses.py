@@ -22,18 +22,16 @@ from megatron_tropd.losses import (
     METHOD_REGISTRY,
     MethodContext,
     TokenSignals,
-    count_valid_tokens,
     entropy_quantile_threshold,
     get_method,
     loss_sum_and_metrics,
-    make_method_context,
     megatron_loss_func,
-    microbatch_loss,
     reduce_metrics,
     token_loss,
 )
 from megatron_tropd.methods import METHOD_SPECS
 from megatron_tropd.spawn import run_on_ranks
+from tests.loss_helpers import count_valid_tokens, make_method_context, microbatch_loss
 
 DTYPE = torch.float64
 NAN = float("nan")
@@ -731,7 +729,7 @@ def test_mismatched_or_malformed_signals_are_rejected():
         with_field(lp_student=torch.zeros(2, 4, dtype=DTYPE))
     with pytest.raises(ValueError, match="entropy_teacher is None"):
         token_loss(with_field(entropy_teacher=None), MethodConfig(name="eopd", **DEFAULT_CONFIG), CONTEXT)
-    with pytest.raises(ValueError, match="entropy_threshold is None.*make_method_context"):
+    with pytest.raises(ValueError, match="entropy_threshold is None.*build the context with method_context"):
         token_loss(good, MethodConfig(name="entropy_opd", **DEFAULT_CONFIG), MethodContext())
     with pytest.raises(ValueError, match="smaller than this microbatch's own 7 valid tokens"):
         microbatch_loss(good, MethodConfig(**DEFAULT_CONFIG), CONTEXT, global_valid_tokens=3)

@@ -222,17 +222,24 @@ def test_wandb_offline_run_resumes_the_same_id(tmp_path, monkeypatch):
     assert len(runs) == 2 and all(run.name.endswith(f"-{run_id}") for run in runs)
 
 
-@pytest.mark.parametrize("dp_rank, active", [(0, True), (1, False)])
-def test_for_job_reports_on_the_students_reporting_rank(tmp_path, dp_rank, active):
+@pytest.mark.parametrize(
+    "pp_rank, dp_rank, tp_rank, reporting",
+    [(1, 0, 0, True), (1, 1, 0, False), (1, 0, 1, False), (0, 0, 0, False)],
+)
+def test_the_reporting_rank_is_the_last_stage_at_dp_and_tp_rank_0(pp_rank, dp_rank, tp_rank, reporting):
+    from megatron_tropd.topology import GridPosition, ModelGroups, ParallelLayout
+
+    position = GridPosition(tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank)
+    groups = ModelGroups(ParallelLayout(2, 2), 2, position, pg_collection=None, pipeline_ranks=(0, 1))
+    assert groups.is_reporting_rank is reporting
+
+
+@pytest.mark.parametrize("active", [True, False])
+def test_for_run_writes_only_when_active(tmp_path, active):
     from megatron_tropd.config import RunConfig
 
     config = RunConfig(name="unit", logging=LoggingConfig(tensorboard=False), train_steps=7)
-    position = types.SimpleNamespace(dp_rank=dp_rank, tp_rank=0)
-    student = types.SimpleNamespace(is_last_stage=True, position=position)
-    job = types.SimpleNamespace(
-        config=config, topology=types.SimpleNamespace(student=student), run_dir=tmp_path
-    )
-    log = MetricsLog.for_job(job, start_step=3)
+    log = MetricsLog.for_run(config, tmp_path, active=active, start_step=3)
     log.write(_record(3))
     log.close()
     assert log.active is active and log.total_steps == 7

@@ -18,7 +18,7 @@ import torch
 
 from megatron_tropd.config import MethodConfig, OptimConfig
 from megatron_tropd.spawn import run_on_ranks
-from megatron_tropd.teacher import data_parallel_rows
+from megatron_tropd.topology import data_parallel_rows
 from tests.distill_setup import (
     NUM_SEQUENCES,
     distill_steps,
@@ -65,7 +65,7 @@ def _assemble(per_rank_shards):
 
 
 def distill_worker(rank, world_size, student_layout, teacher_layout):
-    from megatron_tropd.teacher import score_batch
+    from megatron_tropd.scoring import score_batch
 
     optim = OptimConfig(lr=LR, micro_batch_size=1, use_distributed_optimizer=True)
     topology, student, teacher = setup_models(student_layout, teacher_layout, optim, STEPS)

@@ -82,7 +82,7 @@ def quiet_worker() -> None:
 
 def _train_one(spec: PretrainSpec, groups, tokenizer: Tokenizer, out: Path, rank: int) -> tuple[object, list]:
     from megatron_tropd.checkpoint import save_model_weights
-    from megatron_tropd.teacher import data_parallel_rows
+    from megatron_tropd.topology import data_parallel_rows
     from megatron_tropd.training import build_student, supervised_step
 
     per_rank = spec.batch_size // groups.data_parallel

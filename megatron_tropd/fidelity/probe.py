@@ -92,8 +92,8 @@ def probe_worker(
     from megatron_tropd.rollout.engine import GenerationRequest, SamplingParams
     from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
     from megatron_tropd.rollout.text import generate_data_parallel
-    from megatron_tropd.teacher import build_teacher, data_parallel_rows
-    from megatron_tropd.topology import ParallelLayout, build_topology
+    from megatron_tropd.teacher import build_teacher
+    from megatron_tropd.topology import ParallelLayout, build_topology, data_parallel_rows
 
     enable_cpu_mode()
     layout = ParallelLayout(1, 1)

@@ -15,8 +15,7 @@ import torch.distributed as dist
 
 from megatron_tropd.data import Tokenizer, encode_prompt
 from megatron_tropd.rollout.engine import GenerationRequest, GenerationResult, SamplingParams
-from megatron_tropd.teacher import data_parallel_rows
-from megatron_tropd.topology import ModelGroups
+from megatron_tropd.topology import ModelGroups, data_parallel_rows
 
 
 def generate_data_parallel(
