@@ -7,9 +7,11 @@ Torch- and Megatron-free, so recipes and the command line can build and validate
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 # HF ``architectures[0]`` -> our architecture tag (also HF's ``model_type``).
 HF_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
@@ -157,6 +159,31 @@ class ModelConfig:
 
     normalization: str = "RMSNorm"
     """Normalisation layer; only RMSNorm is supported."""
+
+    OVERRIDE_HOOKS: ClassVar[dict[str, str]] = {"from_hf": "with_shape_of_hf_model"}
+    """Keys an override or a config file may set that are not fields: ``student.from_hf=/models/X`` calls
+    ``with_shape_of_hf_model("/models/X")`` (``overrides`` applies them before the section's fields)."""
+
+    def with_shape_of_hf_model(self, hf_dir: str) -> ModelConfig:
+        """The shape of the Hugging Face model in ``hf_dir`` (its ``config.json``, read as ``from_hf_config``
+        reads it); this config's vocabulary padding multiple is kept, as it belongs to the layout."""
+        config = ModelConfig.from_hf_dir(hf_dir)
+        return dataclasses.replace(config, make_vocab_size_divisible_by=self.make_vocab_size_divisible_by)
+
+    @classmethod
+    def from_hf_dir(cls, hf_dir: str) -> ModelConfig:
+        """``from_hf_config`` of ``hf_dir/config.json``; a ``ValueError`` naming the file on failure."""
+        path = Path(hf_dir) / "config.json"
+        if not path.is_file():
+            raise ValueError(f"{path} does not exist: from_hf names a Hugging Face model directory")
+        try:
+            hf_config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read {path}: {error}") from None
+        try:
+            return cls.from_hf_config(hf_config)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from None
 
     @property
     def kv_channels(self) -> int:

@@ -93,6 +93,18 @@ def _megatron_rope_kwargs(config: ModelConfig) -> dict[str, Any]:
     return {"rope_scaling": True, "rope_scaling_factor": float(config.rope_scaling.factor)}
 
 
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def params_dtype_for(precision: str) -> torch.dtype:
+    """The parameter dtype of a precision setting (``train.precision``); auto: bf16 on GPU, fp32 on CPU."""
+    if precision == "auto":
+        return _default_params_dtype()
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"precision {precision!r} is not one of auto, {', '.join(PRECISION_DTYPES)}")
+    return PRECISION_DTYPES[precision]
+
+
 def _default_params_dtype() -> torch.dtype:
     """bf16 on GPU (what the checkpoints are trained in), fp32 on CPU (exact CPU tests, no bf16 GEMMs)."""
     return torch.bfloat16 if default_device().type == "cuda" else torch.float32

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 import types
 import typing
@@ -116,6 +117,8 @@ def _schema_default(node: Any, name: str) -> Any:
 def _replace_at(root: Any, node: Any, path: list[str], edit: _Edit) -> Any:
     """Copy of ``node`` with ``edit`` applied at ``path``; ``root`` is only used for error suggestions."""
     name = path[0]
+    if len(path) == 1 and name in _hooks(node) and edit.prefix in ("", "++"):
+        return _call_hook(node, name, edit.raw_value, edit.key)
     if not dataclasses.is_dataclass(node) or name not in {f.name for f in dataclasses.fields(node)}:
         raise ValueError(_unknown_key_message(root, edit.key))
     field_type = typing.get_type_hints(type(node))[name]
@@ -143,17 +146,47 @@ def apply_values(config: ConfigT, values: Mapping[str, Any], source: str) -> Con
 def _apply_mapping(root: Any, node: Any, values: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(values, Mapping):
         raise ValueError(f"{prefix.rstrip('.') or 'the file'} must be a mapping of keys to values")
-    hints, changes = typing.get_type_hints(type(node)), {}
+    hooks = _hooks(node)
+    for name in [name for name in values if name in hooks]:  # before the fields, which may refine them
+        node = _call_hook(node, name, values[name], f"{prefix}{name}")
+    fields, changes = _field_types(node), {}
     for name, value in values.items():
         key = f"{prefix}{name}"
-        if not isinstance(name, str) or name not in hints:
+        if name in hooks:
+            continue
+        if not isinstance(name, str) or name not in fields:
             raise ValueError(_unknown_key_message(root, key))
         child = getattr(node, name)
         if dataclasses.is_dataclass(child):
             changes[name] = _apply_mapping(root, child, value, prefix=f"{key}.")
         else:
-            changes[name] = coerce_value(value, hints[name], key)
+            changes[name] = coerce_value(value, fields[name], key)
     return dataclasses.replace(node, **changes)
+
+
+def _field_types(node: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(node))
+    return {config_field.name: hints[config_field.name] for config_field in dataclasses.fields(node)}
+
+
+def _hooks(node: Any) -> dict[str, str]:
+    """A section's override hooks (``OVERRIDE_HOOKS``: key -> method name), e.g. ``student.from_hf``."""
+    return getattr(type(node), "OVERRIDE_HOOKS", {}) if dataclasses.is_dataclass(node) else {}
+
+
+def _call_hook(node: Any, name: str, value: Any, key: str) -> Any:
+    """The section that ``node``'s hook ``name`` returns for ``value`` (a string; ``${VAR}`` expanded from
+    the environment now, since the hook reads files while the config is built)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key} takes a path, got {value!r}")
+    missing: dict[str, list[str]] = {}
+    text = _expand(value.strip(), os.environ, missing, key)
+    if missing:
+        raise ValueError(f"{key}={value}: set the environment variables {', '.join(sorted(missing))}")
+    try:
+        return getattr(node, _hooks(node)[name])(text)
+    except ValueError as error:
+        raise ValueError(f"{key}={value}: {error}") from None
 
 
 def coerce_value(value: Any, field_type: Any, key: str) -> Any:
@@ -193,8 +226,17 @@ def leaf_keys(config: Any, prefix: str = "") -> Iterator[str]:
             yield key
 
 
+def _hook_keys(config: Any, prefix: str = "") -> Iterator[str]:
+    """The keys of every section's override hooks (``student.from_hf``), for suggestions."""
+    yield from (f"{prefix}{name}" for name in _hooks(config))
+    for config_field in dataclasses.fields(config):
+        value = getattr(config, config_field.name)
+        if dataclasses.is_dataclass(value):
+            yield from _hook_keys(value, prefix=f"{prefix}{config_field.name}.")
+
+
 def _unknown_key_message(root: Any, key: str) -> str:
-    known = list(leaf_keys(root))
+    known = [*leaf_keys(root), *_hook_keys(root)]
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
     if not close:  # a wrong section but the right leaf name ("optimizer.lr"): match on the last part
         tail = key.rsplit(".", 1)[-1]

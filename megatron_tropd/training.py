@@ -82,17 +82,25 @@ def _scheduler(optimizer, optim: OptimConfig, total_steps: int):
 
 
 def build_student(
-    model_config: ModelConfig, optim: OptimConfig, groups: ModelGroups, total_steps: int, seed: int
+    model_config: ModelConfig,
+    optim: OptimConfig,
+    groups: ModelGroups,
+    total_steps: int,
+    seed: int,
+    params_dtype: torch.dtype | None = None,
 ) -> Student:
-    """Build the student stage of this rank, wrap it in DDP and give it an optimizer and schedule."""
+    """Build the student stage of this rank, wrap it in DDP and give it an optimizer and schedule.
+    ``params_dtype``: bf16 or fp32 (None: bf16 on GPU, fp32 on CPU); main weights stay fp32 either way."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
     optim.validate()
+    if params_dtype == torch.float16:
+        raise ValueError("the student trains in bf16 or fp32, not fp16 (see train.precision)")
     module = build_gpt_model(
         model_config, groups.pg_collection, pre_process=groups.is_first_stage,
         post_process=groups.is_last_stage, tensor_parallel_size=groups.layout.tensor_parallel,
-        pipeline_parallel_size=groups.layout.pipeline_parallel, seed=seed,
+        pipeline_parallel_size=groups.layout.pipeline_parallel, params_dtype=params_dtype, seed=seed,
     )  # fmt: skip
     module.config.calculate_per_token_loss = True  # global token normalisation (see module docstring)
     ddp_config = DistributedDataParallelConfig(

@@ -214,3 +214,73 @@ def test_oc_env_placeholders_with_and_without_default():
         resolve_placeholders(config, {})
     path_config = apply_overrides(get_recipe("tiny_cpu"), ["checkpoint.save_dir=${oc.env:RUNS,/tmp/r}/one"])
     assert resolve_placeholders(path_config, {}).checkpoint.save_dir == "/tmp/r/one"
+
+
+# --- A model by its Hugging Face directory ----------------------------------------------------------------
+
+
+def _hf_dir(tmp_path, **fields):
+    hf_config = {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "num_hidden_layers": 3,
+        "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 512, "max_position_embeddings": 256, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True, **fields,
+    }  # fmt: skip
+    directory = tmp_path / "hf_model"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_config))
+    return directory
+
+
+def test_from_hf_takes_the_shape_from_config_json(tmp_path, monkeypatch):
+    directory = _hf_dir(tmp_path, head_dim=16)
+    tiny = get_recipe("tiny_cpu")
+    config = apply_overrides(tiny, [f"student.from_hf={directory}"])
+    student = config.student
+    assert (student.architecture, student.num_layers, student.hidden_size, student.head_dim) == (
+        "qwen3",
+        3,
+        64,
+        16,
+    )
+    assert student.tie_word_embeddings and student.qk_layernorm and student.rotary_base == 1e6
+    assert student.make_vocab_size_divisible_by == tiny.student.make_vocab_size_divisible_by
+    assert config.teacher == tiny.teacher
+    # A file: from_hf first, then the section's own fields refine it.
+    _write(
+        tmp_path / "run.yaml", f"defaults: [tiny_cpu]\nteacher:\n  from_hf: {directory}\n  num_layers: 2\n"
+    )
+    teacher = compose(tmp_path / "run.yaml", get_recipe).teacher
+    assert (teacher.hidden_size, teacher.num_layers) == (64, 2)
+    monkeypatch.setenv("HF_MODELS", str(tmp_path))
+    by_env = apply_overrides(tiny, ["student.from_hf=${oc.env:HF_MODELS}/hf_model"])
+    assert by_env.student == student
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("student.from_hf={missing}", r"student\.from_hf=.*config\.json does not exist"),
+        ("student.from_hff={dir}", r"unknown config key 'student\.from_hff'.*did you mean: student\.from_hf"),
+        ("student.from_hf=${{NO_SUCH_VAR_X}}/m", r"set the environment variables NO_SUCH_VAR_X"),
+        ("student.from_hf={sliding}", r"sliding"),
+    ],
+)
+def test_from_hf_errors_name_the_key_and_the_file(override, message, tmp_path):
+    directory = _hf_dir(tmp_path)
+    sliding = _hf_dir(tmp_path / "sliding", use_sliding_window=True, sliding_window=64)
+    text = override.format(missing=tmp_path / "none", dir=directory, sliding=sliding)
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(get_recipe("tiny_cpu"), [text])
+
+
+# --- Precision -------------------------------------------------------------------------------------------
+
+
+def test_precision_settings_are_validated():
+    tiny = get_recipe("tiny_cpu")
+    assert apply_overrides(tiny, ["train.precision=bf16", "train.teacher_precision=fp16"]).validate() is None
+    with pytest.raises(ValueError, match=r"train\.precision = 'fp16' is not offered .*use bf16"):
+        apply_overrides(tiny, ["train.precision=fp16"]).validate()
+    with pytest.raises(ValueError, match=r"train\.teacher_precision = 'half' is not allowed"):
+        apply_overrides(tiny, ["train.teacher_precision=half"]).validate()

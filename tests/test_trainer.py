@@ -20,6 +20,7 @@ from megatron_tropd.config_file import compose
 from megatron_tropd.methods import METHOD_SPECS
 from megatron_tropd.spawn import run_on_ranks
 from recipes import get_recipe
+from tests.loss_helpers import make_method_context
 
 # method.md: guidance belongs to the TrOPD family; every other method runs fully on-policy by default
 GUIDED_BY_DEFAULT = {"tropd", "tropd_mask", "tropd_clip", "tropd_aopd"}
@@ -47,7 +48,7 @@ def _requests_as_launched(monkeypatch, recipe: str, overrides: list[str]):
     prompts = [types.SimpleNamespace(token_ids=(1, 2, 3))] * config.rollout.prompts_per_step
     requests = trainer._requests(job, 0, prompts)
     signals = _one_prefix_token(config.method.topk)
-    context = losses.make_method_context(
+    context = make_method_context(
         config.method, signals, 0, config.train_steps, guidance=config.guidance_enabled
     )
     terms = losses.token_loss(signals, config.method, context).terms
@@ -193,3 +194,34 @@ def test_every_method_trains_two_steps_with_finite_metrics(tmp_path):
         guided = method in GUIDED_BY_DEFAULT
         assert (records[0]["prefix_share"] > 0) == guided, method
         assert all(("term/guidance" in r) == guided for r in records), method
+
+
+def precision_worker(rank, world_size, config):
+    """The dtypes each model is built in, the optimizer's main weights, and one step's loss."""
+    from megatron_tropd import trainer
+    from megatron_tropd.platform import shutdown_distributed
+
+    job, _ = trainer.setup(config)
+    try:
+        main_params = [p for group in job.student.optimizer.param_groups for p in group["params"]]
+        dtypes = {
+            "student": sorted({str(p.dtype) for p in job.student.module.parameters()}),
+            "teacher": sorted({str(p.dtype) for p in job.teacher.parameters()}),
+            "main": sorted({str(p.dtype) for p in main_params}),
+        }
+        loss = trainer.train_one_step(job, 0)["loss"]
+    finally:
+        shutdown_distributed()
+    return dtypes, loss
+
+
+@pytest.mark.slow
+def test_precision_is_a_setting_of_each_model(tmp_path):
+    config = train.build_config(
+        "tiny_cpu",
+        ["train.precision=bf16", "train.teacher_precision=fp16", f"checkpoint.save_dir={tmp_path}"],
+        {},
+    )
+    (dtypes, loss), _ = run_on_ranks(precision_worker, 2, config)
+    assert dtypes == {"student": ["torch.bfloat16"], "teacher": ["torch.float16"], "main": ["torch.float32"]}
+    assert math.isfinite(loss)
