@@ -30,6 +30,9 @@ setup(
         "sentencepiece",
         "math-verify",  # eval: symbolic equivalence of math answers (a sympy fallback exists without it)
         "matplotlib",  # eval: the comparison bar chart of write_report
+        "nltk",  # eval: IFBench's word tokenizer (and its punkt / POS tagger when their data is installed)
+        "syllapy",  # eval: IFBench's syllable counts
+        "emoji",  # eval: IFBench's emoji test
         "jinja2",  # data: chat templates
         "tokenizers",  # data: Hugging Face tokenizer.json files
         "safetensors",  # hf: streaming HF checkpoints tensor by tensor
@@ -41,7 +44,8 @@ setup(
     extras_require={
         # nemo-run is in dev too so CI tests the launcher (recipes/launch.py) and its sbatch golden file.
         # transformers: the HF side of the conversion tests and of `tools/convert.py --verify`.
-        # lm-eval: so CI runs the lm-eval adapter's tests (tests/test_lm_eval.py).
+        # lm-eval: so CI runs the lm-eval adapter's tests (tests/test_lm_eval.py); accelerate: lm-eval's
+        # own `hf` backend, which the adapter's parity test runs beside it.
         "dev": [
             "pytest",
             "pytest-timeout",
@@ -49,11 +53,13 @@ setup(
             "nemo-run==0.11.1",
             "leptonai<0.47",
             "transformers",
-            "lm-eval==0.4.13",
+            "lm-eval[ifeval]==0.4.13",  # [ifeval]: the IFEval parity tests (tests/test_ifeval.py)
+            "accelerate",
         ],
         "convert": ["transformers"],
         # megatron_tropd.eval.lm_eval_adapter: a checkpoint as an lm-evaluation-harness model.
-        "lmeval": ["lm-eval==0.4.13"],
+        # [ifeval]: lm-eval's IFEval checkers, which score IFEval ids in the built-in evaluator too.
+        "lmeval": ["lm-eval[ifeval]==0.4.13"],
         # Weights & Biases logging (logging.wandb_project); without it a configured project fails at start.
         "wandb": ["wandb"],
         # nemo-run 0.11.1 does not import with leptonai>=0.47 (no leptonai.api.v1).

@@ -8,6 +8,7 @@ import pytest
 
 from megatron_tropd.eval import verifiers
 from megatron_tropd.eval.ifbench import IFBENCH_CHECKERS
+from megatron_tropd.eval.ifeval import IFEVAL_CHECKERS
 from megatron_tropd.eval.instructions import CHECKERS
 from megatron_tropd.eval.sandbox import SandboxLimits
 from megatron_tropd.eval.schema import CodeTest, Constraint, Item, load_benchmark, load_benchmarks
@@ -139,8 +140,8 @@ CHECKER_CASES = {  # type: (kwargs, passing response, failing response)
 }
 
 
-def test_every_checker_has_a_case():  # IFBench's checkers have theirs in test_ifbench.py
-    assert set(CHECKER_CASES) == set(CHECKERS) - set(IFBENCH_CHECKERS)
+def test_every_checker_has_a_case():  # IFBench's and IFEval's have theirs in test_ifbench/test_ifeval
+    assert set(CHECKER_CASES) == set(CHECKERS) - set(IFBENCH_CHECKERS) - set(IFEVAL_CHECKERS)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKER_CASES))
@@ -179,7 +180,7 @@ def test_code_correct_program_passes():
     [
         ("```python\nprint(3)\n```", "test 1: wrong output"),
         ("print(a + b) without a fence", "no fenced code block"),
-        ("```python\nraise SystemExit(2)\n```", "test 0: runtime_error"),
+        ("```python\nraise SystemExit(2)\n```", "test 0: wrong output"),  # LCB grades the output
     ],
 )
 def test_code_failures_have_reasons(response, reason):
@@ -327,11 +328,14 @@ def test_prepare_field_mappings(prepared):
     mmlu = by_name["MMLU-Redux"]
     assert [i.id for i in mmlu.items] == ["anatomy-0", "astronomy-0"] and mmlu.items[0].answer == "C"
     assert manifest["MMLU-Redux"]["skipped"] == {"filtered": 1}
-    assert manifest["IFBench"]["skipped"] == {"no checker for language:response_language": 1}
+    assert manifest["IFBench"]["skipped"] == {"no checker for custom:no_such_checker": 1}
     assert manifest["IFBench"]["loose"] is True and by_name["IFBench"].loose  # the paper's IFBench score
     assert not any(b.loose for name, b in by_name.items() if name != "IFBench")
     word_limit = by_name["IFBench"].items[0].constraints[1]
-    assert (word_limit.type, word_limit.kwargs) == ("word_count", {"max_words": 19})  # "less than 20"
+    assert (word_limit.type, word_limit.kwargs) == (
+        "length_constraints:number_words",
+        {"num_words": 20, "relation": "less than"},
+    )
     stdin_item, functional_item = by_name["LCB-v6"].items
     assert [t.output for t in stdin_item.tests] == ["3\n", "12\n"]  # public + decoded private
     assert functional_item.entry == "total" and "Starter code" in functional_item.prompt

@@ -245,3 +245,58 @@ def test_schema_errors_name_file_line_and_field(tmp_path, constraint, field, pro
     with pytest.raises(ValueError) as error:
         load_benchmark(path, "instruction")
     assert str(error.value).startswith(f"{path}:1: field '{field}'") and problem in str(error.value)
+
+
+# ------------------------------------------------------------------- parity with IFBench's reference
+
+# The reference's own examples (allenai/IFBench instructions_test.py) for the checkers built on emoji,
+# syllapy and NLTK's tokenizers, with the reference's verdicts; then cases where those libraries decide.
+REFERENCE_EXAMPLES = [  # (id, kwargs, response, the reference's verdict)
+    ("format:emoji", {}, "This ends with emoji 😀.", True),
+    ("format:emoji", {}, "😀 This starts with emoji.", False),
+    ("words:odd_even_syllables", {}, "Children have little to regret. They enjoy the sunshine.", True),
+    (
+        "words:odd_even_syllables",
+        {},
+        "Children have little to regret. They enjoy the sunshine. But not the rain.",
+        False,
+    ),
+    ("words:odd_even_syllables", {}, "Chil-dren have lit'tle to regret.", True),
+    ("count:pronouns", {"N": 5}, "I am a pronoun. It is a pronoun. He, she, and they are pronouns.", True),
+    ("count:pronouns", {"N": 5}, "She is his sister. They share their parents.", False),
+    ("count:pronouns", {"N": 4}, "My pronouns are she/her/hers.", True),
+    ("count:pronouns", {"N": 4}, "She is his sister. They share their parents.", True),
+    ("words:start_verb", {}, "Does this sentence start with a verb?", True),
+    ("words:start_verb", {}, "This sentence does not start with a verb.", False),
+    ("words:last_first", {}, "This feels unnatural. Unnatural is this test.", True),
+    ("words:last_first", {}, "This must also work.\n\nWork across paragraphs.", True),
+    ("words:last_first", {}, "This is not a success. This is a failure.", False),
+    ("words:last_first", {}, "Hello world. ... Next sentence.", False),
+    ("format:title_case", {}, "I Am A Test", True),
+    ("format:title_case", {}, "i Am A Test", False),
+    ("format:title_case", {}, "Hello, World!", True),
+    ("format:title_case", {}, "Test (With Parentheses)", True),
+    ("format:title_case", {}, "Test 123 Numbers", True),
+    ("words:keywords_specific_position", {"keyword": "test", "n": 1, "m": 1}, "TEST is here.", True),
+    ("words:words_position", {"keyword": "hello"}, "Start HELLO middle HELLO end", True),
+    # syllapy: "poem" has two syllables (one vowel group)
+    ("words:odd_even_syllables", {}, "poem cat", True),
+    # emoji: a check mark and a star are symbols, not emoji; a heart with its variation selector is one
+    ("format:emoji", {}, "Done ✓.", False),
+    ("format:emoji", {}, "Top ★.", False),
+    ("format:emoji", {}, "Love ❤️. Next 😀", True),
+    # NLTK's word tokenizer splits "gimme" into "gim" + "me" and "cannot" into "can" + "not"
+    ("count:pronouns", {"N": 2}, "Gimme that.", True),
+    ("words:words_position", {"keyword": "can"}, "I cannot stay, you can go.", True),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, response, verdict", REFERENCE_EXAMPLES)
+def test_reference_examples_get_the_reference_verdicts(name, kwargs, response, verdict):
+    assert CHECKERS[name](response, **kwargs) is verdict
+
+
+def test_nltk_backends_name_the_stand_ins_when_nltk_data_is_missing(monkeypatch):
+    monkeypatch.setattr(ifbench, "_nltk_data", lambda resource: False)
+    assert ifbench.nltk_backends() == {"sentences": "regex", "start_verb": "verb table"}
+    assert ifbench._tokens("Gimme that. Now.") == ["Gim", "me", "that", ".", "Now", "."]

@@ -27,13 +27,14 @@ import pickle
 import random
 import sys
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_tropd.eval.ifbench import IFBENCH_CHECKERS  # noqa: E402
+from megatron_tropd.eval.ifeval import IFEVAL_CHECKERS  # noqa: E402
 from megatron_tropd.eval.schema import LETTERS, parse_item  # noqa: E402
 
 logger = logging.getLogger("prepare_benchmarks")
@@ -122,58 +123,9 @@ SOURCES: dict[str, HubSource] = {
     ),
 }
 
-# Instruction ids -> (our checker, function turning the hub kwargs into its kwargs). IFEval ids are
-# translated onto our checkers' names; IFBench ids are added unchanged below the table.
-_AT_LEAST = ("at least",)
-
-
-def _bounds(relation: str, number: int, low: str, high: str) -> dict[str, int]:
-    """IFEval relations: "less than N" -> high = N - 1; "at least N" -> low = N."""
-    return {low: number} if relation in _AT_LEAST else {high: number - 1}
-
-
-INSTRUCTION_MAP: dict[str, tuple[str, Callable[[dict], dict]]] = {
-    "length_constraints:number_words": (
-        "word_count",
-        lambda k: _bounds(k["relation"], k["num_words"], "min_words", "max_words"),
-    ),
-    "length_constraints:number_sentences": (
-        "sentence_count",
-        lambda k: _bounds(k["relation"], k["num_sentences"], "min_sentences", "max_sentences"),
-    ),
-    "length_constraints:number_paragraphs": (
-        "paragraph_count",
-        lambda k: {"count": k["num_paragraphs"], "separator": "***"},
-    ),
-    "keywords:existence": ("include_keywords", lambda k: {"keywords": k["keywords"]}),
-    "keywords:forbidden_words": ("forbidden_words", lambda k: {"words": k["forbidden_words"]}),
-    "keywords:frequency": (
-        "keyword_frequency",
-        lambda k: {
-            "keyword": k["keyword"],
-            **_bounds(k["relation"], k["frequency"], "min_count", "max_count"),
-        },
-    ),
-    "detectable_format:number_bullet_lists": ("bullet_count", lambda k: {"count": k["num_bullets"]}),
-    "detectable_format:json_format": ("json_format", lambda k: {}),
-    "detectable_format:title": ("has_title", lambda k: {}),
-    "detectable_format:number_highlighted_sections": (
-        "highlighted_sections",
-        lambda k: {"min_count": k["num_highlights"]},
-    ),
-    "detectable_content:number_placeholders": (
-        "placeholder_count",
-        lambda k: {"min_count": k["num_placeholders"]},
-    ),
-    "detectable_content:postscript": ("postscript", lambda k: {"marker": k["postscript_marker"]}),
-    "change_case:english_lowercase": ("all_lowercase", lambda k: {}),
-    "change_case:english_capital": ("all_uppercase", lambda k: {}),
-    "startend:end_checker": ("ends_with", lambda k: {"phrase": k["end_phrase"]}),
-    "startend:quotation": ("wrapped_in_quotes", lambda k: {}),
-    "punctuation:no_comma": ("no_commas", lambda k: {}),
-}
-# IFBench's own ids are checker names with IFBench's keyword names: their kwargs pass through unchanged.
-INSTRUCTION_MAP.update({name: (name, dict) for name in IFBENCH_CHECKERS})
+# IFEval ids (scored by lm-eval's IFEval checkers) and IFBench ids are checker names with their benchmark's
+# keyword names: hub kwargs pass through unchanged (nulls dropped).
+INSTRUCTION_IDS = frozenset(IFBENCH_CHECKERS) | frozenset(IFEVAL_CHECKERS)
 
 
 class SkipRow(Exception):
@@ -218,11 +170,10 @@ def _convert_instruction_ids(row: dict, spec: HubSource, index: int) -> dict:
     f = spec.fields
     constraints = []
     for instruction_id, hub_kwargs in zip(row[f["instruction_ids"]], row[f["kwargs"]], strict=True):
-        if instruction_id not in INSTRUCTION_MAP:
+        if instruction_id not in INSTRUCTION_IDS:
             raise SkipRow(f"no checker for {instruction_id}")
-        kind, translate = INSTRUCTION_MAP[instruction_id]
         clean = {k: v for k, v in (hub_kwargs or {}).items() if v is not None}  # hub rows pad with nulls
-        constraints.append({"type": kind, "kwargs": translate(clean)})
+        constraints.append({"type": instruction_id, "kwargs": clean})
     return {"id": str(row[f["id"]]), "prompt": row[f["prompt"]], "constraints": constraints}
 
 

@@ -3,9 +3,12 @@
 Pieces, each its own module:
 
 - ``schema``        benchmarks as JSONL data (math / code / instruction / multiple_choice), validated on load.
-- ``instructions``  registry of verifiable instruction constraints (IFEval / IFBench style).
+- ``instructions``  registry of verifiable instruction constraints: the project's own, IFBench's
+                    (``ifbench``) and IFEval's (``ifeval``: lm-eval's IFEval checkers, imported on use).
 - ``verifiers``     one verdict per (item, response): math (math-verify or sympy), option letters,
                     constraints, code run in the sandbox; a verifier crash is a failed verdict, not a raise.
+- ``livecodebench`` LiveCodeBench's grading rules for code: preloaded imports, recursion limit, program
+                    wrapping and its stdout comparison.
 - ``sandbox``       run an untrusted Python program with rlimits, an unprivileged uid, no network, and
                     writes confined to its own directory.
 - ``scoring``       ``evaluate(benchmarks, generate, k, temperature)`` -> ``EvalReport``; avg@k, pass@k;

@@ -4,10 +4,14 @@ Each checker is called as ``checker(response, **kwargs)`` with IFBench's own key
 load unchanged; :mod:`megatron_tropd.eval.instructions` merges :data:`IFBENCH_CHECKERS` into its registry.
 A blank response fails every constraint, as in IFBench's scorer.
 
-IFBench's reference scorer leans on NLTK (punkt sentences, Treebank words, a POS tagger, the English stop
-word list), ``emoji`` and ``syllapy``. None of them ship here: deterministic stand-ins take their place
-(:func:`_sentences`, :func:`_tokens`, :func:`_is_emoji`, :func:`_syllables`, a verb table for
-``words:start_verb``; the stop word list is NLTK's own), so verdicts can differ from IFBench's on edge cases.
+IFBench's reference scorer leans on NLTK (punkt sentences, its Treebank word tokenizer, a POS tagger, the
+English stop word list), ``emoji`` and ``syllapy``. Here ``emoji.is_emoji``, ``syllapy.count`` and NLTK's
+word tokenizer are used as the reference uses them. NLTK's punkt sentence splitter and its POS tagger need
+NLTK data that no PyPI package provides (``python -m nltk.downloader punkt_tab
+averaged_perceptron_tagger_eng``): they are used when that data is installed, and otherwise
+:func:`_regex_sentences` (abbreviation-aware splitting) and a verb table for ``words:start_verb`` stand in,
+so verdicts can then differ from IFBench's on edge cases; :func:`nltk_backends` says which is active. The
+stop word list is NLTK's own, copied as a table.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import string
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
+
+import emoji as _emoji
+import syllapy
 
 IFBENCH_CHECKERS: dict[str, Callable[..., bool]] = {}
 
@@ -49,7 +56,7 @@ _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc"
 _SENTENCE_END = re.compile(r"[.!?‽]+[\"'”’)\]]*(?=\s|$)")
 
 
-def _sentences(text: str) -> list[str]:
+def _regex_sentences(text: str) -> list[str]:
     """Sentences ending at . ! ? (approximates NLTK punkt: abbreviations and initials do not end one)."""
     sentences, start = [], 0
     for end in _SENTENCE_END.finditer(text):
@@ -65,13 +72,48 @@ def _sentences(text: str) -> list[str]:
     return [s for s in sentences if s]
 
 
-# Treebank-like: punctuation marks are tokens and "don't" splits into "do" + "n't".
-_TOKEN = re.compile(r"\w+(?=n't\b)|n't\b|'(?:s|m|d|ll|re|ve)\b|\w+(?:[-.]\w+)*|[^\w\s]", re.IGNORECASE)
+@functools.cache
+def _nltk_data(resource: str) -> bool:
+    """Whether NLTK and its data ``resource`` are installed (never downloads)."""
+    try:
+        import nltk
+
+        nltk.data.find(resource)
+    except (ImportError, LookupError):
+        return False
+    return True
+
+
+_PUNKT, _TAGGER = "tokenizers/punkt_tab/english/", "taggers/averaged_perceptron_tagger_eng/"
+
+
+def nltk_backends() -> dict[str, str]:
+    """Which sentence splitter and verb test are in use (the reference's NLTK ones or the stand-ins)."""
+    return {
+        "sentences": "nltk punkt" if _nltk_data(_PUNKT) else "regex",
+        "start_verb": "nltk pos_tag" if _nltk_data(_TAGGER) else "verb table",
+    }
+
+
+def _sentences(text: str) -> list[str]:
+    """NLTK's ``sent_tokenize`` when punkt is installed, else :func:`_regex_sentences`."""
+    if _nltk_data(_PUNKT):
+        import nltk
+
+        return nltk.sent_tokenize(text)
+    return _regex_sentences(text)
+
+
+@functools.cache
+def _word_tokenizer():
+    from nltk.tokenize import NLTKWordTokenizer
+
+    return NLTKWordTokenizer()
 
 
 def _tokens(text: str) -> list[str]:
-    """Word and punctuation tokens (approximates NLTK's word_tokenize)."""
-    return _TOKEN.findall(text)
+    """NLTK's ``word_tokenize``: its Treebank word tokenizer applied to each of :func:`_sentences`."""
+    return [token for sentence in _sentences(text) for token in _word_tokenizer().tokenize(sentence)]
 
 
 def _word_tokens(text: str) -> list[str]:
@@ -103,27 +145,6 @@ d ll m o re ve y ain aren couldn didn doesn hadn hasn haven isn ma mightn mustn 
 weren won wouldn
 """
 _STOP_WORDS = frozenset(_STOP_WORD_TABLE.split())
-
-_EMOJI_RANGES = ((0x1F000, 0x1FAFF), (0x2600, 0x27BF), (0x2300, 0x23FF))
-_EMOJI_SINGLES = frozenset("©®‼⁉™ℹ⤴⤵⬅⬆⬇⬛⬜⭐⭕〰〽㊗㊙")
-_EMOJI_TAILS = "\ufe0f\ufe0e\u200d\u20e3"  # presentation selectors, joiners and keycaps trail the glyph
-
-
-def _is_emoji(char: str) -> bool:
-    """Emoji by Unicode block (approximates the ``emoji`` package's table)."""
-    code = ord(char)
-    return char in _EMOJI_SINGLES or any(low <= code <= high for low, high in _EMOJI_RANGES)
-
-
-def _syllables(word: str) -> int:
-    """Vowel groups, less a silent final e or -ed (approximates ``syllapy``'s dictionary)."""
-    letters = re.sub(r"[^a-z]", "", word.lower())
-    count = len(re.findall(r"[aeiouy]+", letters))
-    silent_e = letters.endswith("e") and not letters.endswith(("le", "ee", "ye"))
-    silent_ed = letters.endswith("ed") and not letters.endswith(("ted", "ded"))
-    if count > 1 and (silent_e or silent_ed):
-        count -= 1
-    return max(count, 1) if letters else 0
 
 
 def _ascii_fold(text: str) -> str:
@@ -344,7 +365,13 @@ def _verb_stems(word: str) -> set[str]:
 
 @_ifbench("words:start_verb")
 def start_verb(response: str) -> bool:
-    """The first word is a verb: a common English verb or its inflection (stands in for a POS tagger)."""
+    """The first token is a verb: NLTK's POS tag starts with VB when its tagger is installed, else the first
+    word is a common English verb or its inflection."""
+    if _nltk_data(_TAGGER):
+        import nltk
+
+        tokens = _tokens(response)
+        return bool(tokens) and "VB" in nltk.pos_tag(tokens)[0][1]
     words = _word_tokens(response)
     return bool(words) and bool(_verb_stems(words[0].lower()) & _VERBS)
 
@@ -361,8 +388,8 @@ def _clean(word: str) -> str:
 
 @_ifbench("words:odd_even_syllables")
 def odd_even_syllables(response: str) -> bool:
-    """Consecutive words alternate between odd and even syllable counts (vowel-group syllables)."""
-    parities = [_syllables(word) % 2 for word in _bare_words(response)]
+    """Consecutive words alternate between odd and even syllable counts (``syllapy``'s counts)."""
+    parities = [syllapy.count(word) % 2 for word in _bare_words(response)]
     return all(a != b for a, b in itertools.pairwise(parities))
 
 
@@ -497,20 +524,24 @@ def newline(response: str) -> bool:
     return all(len(words) == 1 for words in lines)
 
 
-def _edge_emoji(text: str, last: bool) -> bool:
-    core = text.translate(_STRIP_PUNCTUATION).strip().strip(_EMOJI_TAILS)
-    return bool(core) and _is_emoji(core[-1] if last else core[0])
+def _sentence_ends_with_emoji(sentence: str, following: str | None) -> bool:
+    """The sentence's last or second-to-last character (punctuation removed) is an emoji, or else, when a
+    sentence follows, that sentence's first character is."""
+    core = sentence.translate(_STRIP_PUNCTUATION).strip()
+    if not core:
+        return False
+    if _emoji.is_emoji(core[-1]) or _emoji.is_emoji(core[-2:-1] or core[-1]):
+        return True
+    after = (following or "").translate(_STRIP_PUNCTUATION).strip()
+    return following is not None and bool(after) and _emoji.is_emoji(after[0])
 
 
 @_ifbench("format:emoji")
 def emoji(response: str) -> bool:
     """Every sentence ends with an emoji (one after the full stop opens the next sentence's text)."""
     sentences = _sentences(response)
-    for index, sentence in enumerate(sentences):
-        following = sentences[index + 1] if index + 1 < len(sentences) else ""
-        if not _edge_emoji(sentence, last=True) and not _edge_emoji(following, last=False):
-            return False
-    return True
+    following = [*sentences[1:], None]
+    return all(map(_sentence_ends_with_emoji, sentences, following))
 
 
 @_ifbench("format:line_indent")

@@ -4,7 +4,9 @@ A constraint in a benchmark file is ``{"type": <registered name>, "kwargs": {...
 called as ``checker(response, **kwargs)`` and returns True when the response satisfies it. Bounds are
 inclusive. The schema loader validates types and keyword names against :data:`CHECKERS`, so a typo in a
 benchmark file fails at load time, not silently at scoring time. IFBench's own constraints live in
-:mod:`megatron_tropd.eval.ifbench` under their IFBench ids and join this registry on import.
+:mod:`megatron_tropd.eval.ifbench` under their IFBench ids, and IFEval's in :mod:`megatron_tropd.eval.ifeval`
+under their IFEval ids (scored by lm-eval's checkers); both join this registry on import. The checkers
+below are this project's own vocabulary for hand-written benchmark files.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import re
 from collections.abc import Callable
 
+from megatron_tropd.eval import ifeval
 from megatron_tropd.eval.ifbench import IFBENCH_CHECKERS
 
 CHECKERS: dict[str, Callable[..., bool]] = {}
@@ -152,5 +155,10 @@ def highlighted_sections(response: str, min_count: int) -> bool:
     return len(re.findall(r"\*[^\n*]+\*", response)) >= min_count
 
 
-for _name, _checker in IFBENCH_CHECKERS.items():
+def unavailable(name: str) -> str | None:
+    """Why a registered checker cannot run here (missing lm-eval or NLTK data), or None."""
+    return ifeval.unavailable(name) if name in ifeval.IFEVAL_CHECKERS else None
+
+
+for _name, _checker in {**IFBENCH_CHECKERS, **ifeval.IFEVAL_CHECKERS}.items():
     register(_name)(_checker)

@@ -1,29 +1,46 @@
 """A Megatron checkpoint as an lm-evaluation-harness model, registered as ``megatron_tropd`` (lm-eval 0.4.x).
 
     python -m megatron_tropd.eval.lm_eval_adapter --model megatron_tropd \\
-        --model_args checkpoint=CKPT,tokenizer=TOK,tensor_parallel=2 --tasks hellaswag,gsm8k
+        --model_args checkpoint=CKPT,tokenizer=TOK --tasks hellaswag,gsm8k
+    torchrun --nproc_per_node=2 -m megatron_tropd.eval.lm_eval_adapter --model megatron_tropd \\
+        --model_args checkpoint=CKPT,tokenizer=TOK,tensor_parallel=2,dtype=bfloat16 --tasks hellaswag
 
 (the module has to be imported for the registration; running it this way forwards to lm-eval's command
-line). Under torchrun every rank runs the same lm-eval program: the adapter tells lm-eval it is one
-process (rank 0 of 1), so all ranks build the same requests, and spreads the work itself -- each
-data-parallel replica scores or generates its share on its TP x PP layout and the results are gathered,
-so every rank returns the same answers (and computes the same metrics). Only rank 0 writes and prints
-them.
+line). ``model_args``: ``checkpoint``, ``tokenizer`` (a sentencepiece ``.model``, an HF tokenizer directory
+or its ``tokenizer.json``), ``tensor_parallel``, ``pipeline_parallel``, ``batch_size``, ``max_length``
+(default: the model's max_position_embeddings), ``max_gen_toks``, ``seed`` and ``dtype`` (``auto``,
+``float32``, ``bfloat16``, ``float16``); any other name is refused. Under torchrun every rank runs the same
+lm-eval program: the adapter tells lm-eval it is one process (rank 0 of 1), so all ranks build the same
+requests, and spreads the work itself -- each data-parallel replica scores or generates its share on its
+TP x PP layout and the results are gathered, so every rank returns the same answers (and computes the same
+metrics). Only rank 0 writes and prints them, logs at INFO and draws progress bars.
 
-- ``loglikelihood``: one forward-only pass of context + continuation through Megatron's pipeline
-  schedule; the log-prob of each continuation token and whether it is the argmax come from the
-  vocab-parallel ops on the TP-sharded logits (the vocabulary never leaves its shards). A context longer
-  than the model's length is left-truncated.
-- ``loglikelihood_rolling``: lm-eval's rolling windows, each scored as above.
-- ``generate_until``: the KV-cache engine; greedy unless the request's ``temperature`` (or ``do_sample``)
-  says otherwise; the text is cut at the first ``until`` string; ``max_gen_toks`` bounds the length.
+Requests are tokenized and scored as lm-eval's own ``hf`` backend does on the same weights:
+
+- text is encoded with the HF tokenizer's own special tokens (its BOS where it adds one), none when the
+  text already starts with the BOS text (a chat template wrote it); an empty context is conditioned on BOS,
+  or EOS when the tokenizer has no BOS. A sentencepiece model adds no special tokens and conditions on EOS.
+- ``loglikelihood``: one forward-only pass of ``(context + continuation)[-(max_length + 1):]`` (the
+  model reads at most ``max_length`` tokens) through Megatron's pipeline schedule; the log-prob of each
+  continuation token and whether it is the argmax come from the vocab-parallel ops on the TP-sharded
+  logits (the vocabulary never leaves its shards).
+- ``loglikelihood_rolling``: lm-eval's rolling windows of ``max_length`` predicted tokens, each scored as
+  above.
+- ``generate_until``: the KV-cache engine on the context's last ``max_length - max_gen_toks`` tokens;
+  greedy unless the request's ``temperature`` (or ``do_sample``) says otherwise; the text (decoded as the
+  HF tokenizer decodes) is cut at the first ``until`` string.
+- ``--apply_chat_template``: the tokenizer's chat template (``chat_template.jinja`` first, then
+  ``tokenizer_config.json``), rendered by transformers.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,17 +48,167 @@ import torch.distributed as dist
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
 
 from megatron_tropd.data import Tokenizer
 from megatron_tropd.model_config import ModelConfig
 from megatron_tropd.ops import vocab_parallel_token_stats, vocab_parallel_topk
-from megatron_tropd.platform import default_device
+from megatron_tropd.platform import default_device, init_distributed
 from megatron_tropd.rollout.engine import GenerationRequest, SamplingParams
-from megatron_tropd.teacher import data_parallel_rows, forward_signals
-from megatron_tropd.topology import ModelGroups
+from megatron_tropd.scoring import forward_signals
+from megatron_tropd.topology import ModelGroups, data_parallel_rows
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_GEN_TOKS = 256
 DEFAULT_BATCH_SIZE = 8
+DTYPES = {
+    "auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+}  # fmt: skip
+MODEL_ARGS = (
+    "checkpoint", "tokenizer", "tensor_parallel", "pipeline_parallel", "batch_size", "max_length",
+    "max_gen_toks", "seed", "dtype",
+)  # fmt: skip
+# lm-eval's command line adds these to every model's arguments; the layout decides them here, and no
+# remote code runs.
+IGNORED_MODEL_ARGS = ("device", "max_batch_size", "trust_remote_code")
+
+
+def check_model_args(extra: dict[str, Any]) -> None:
+    """Refuse ``model_args`` the adapter does not know, suggesting the nearest known name."""
+    unknown = sorted(set(extra) - set(IGNORED_MODEL_ARGS))
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, MODEL_ARGS, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ValueError(
+        f"megatron_tropd does not know model_args {', '.join(hints)}; it takes {', '.join(MODEL_ARGS)}"
+    )
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The parameter dtype of a ``dtype`` model_arg (None for auto: bf16 on a GPU, fp32 on the CPU)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"megatron_tropd: dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[str(dtype)]
+
+
+def tokenizer_location(path: str) -> str:
+    """A sentencepiece model or an HF tokenizer directory; a ``tokenizer.json`` names its directory."""
+    location = Path(path)
+    if location.suffix != ".json":
+        return path
+    if location.name != "tokenizer.json":
+        raise ValueError(
+            f"tokenizer {path!r}: pass the HF tokenizer directory or its tokenizer.json (with "
+            "tokenizer_config.json beside it)"
+        )
+    return str(location.parent)
+
+
+def check_launch(tensor_parallel: int, pipeline_parallel: int) -> None:
+    """A TP x PP layout needs a multiple of TP x PP processes: say how to launch them before starting."""
+    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    size = tensor_parallel * pipeline_parallel
+    if world_size % size:
+        raise ValueError(
+            f"megatron_tropd: tensor_parallel={tensor_parallel} x pipeline_parallel={pipeline_parallel} "
+            f"needs a multiple of {size} processes and this job has {world_size}; launch one per rank: "
+            f"torchrun --nproc_per_node={size} -m megatron_tropd.eval.lm_eval_adapter --model "
+            "megatron_tropd --model_args ..."
+        )
+
+
+def load_model(checkpoint: str, tensor_parallel: int, pipeline_parallel: int, seed: int, dtype):
+    """``(model, groups, model_config)``: this rank's read-only stage of ``checkpoint`` (collective)."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_tropd.checkpoint import CheckpointError, read_weights_config
+    from megatron_tropd.platform import enable_cpu_mode
+    from megatron_tropd.teacher import build_teacher
+    from megatron_tropd.topology import ParallelLayout, build_topology
+
+    directory, model_config = read_weights_config(checkpoint)
+    enable_cpu_mode()  # a no-op on GPU machines
+    layout = ParallelLayout(tensor_parallel, pipeline_parallel)
+    groups = build_topology(layout, layout).student
+    model_parallel_cuda_manual_seed(seed)  # attention forks this tracker even with dropout 0
+    try:
+        model = build_teacher(
+            model_config, groups, seed=seed, checkpoint=str(directory), params_dtype=parse_dtype(dtype)
+        )
+    except CheckpointError:
+        raise
+    except Exception as exc:  # dist-checkpointing reports broken shards in its own terms
+        raise CheckpointError(
+            f"cannot load the weights of {checkpoint} ({type(exc).__name__}: {exc})"
+        ) from exc
+    return model, groups, model_config
+
+
+def _is_rank_zero() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def progress(total: int, desc: str, disable: bool = False) -> tqdm:
+    """A progress bar on rank 0 (every rank does the same work)."""
+    return tqdm(total=total, desc=desc, disable=disable or not _is_rank_zero())
+
+
+class HFEncoding:
+    """Text <-> ids as lm-eval's ``hf`` backend tokenizes, over the project's tokenizer.
+
+    An HF tokenizer directory is read by ``AutoTokenizer`` (the tokenizer lm-eval's backend uses):
+    ``encode`` adds the tokenizer's special tokens unless the text starts with the prefix token's text,
+    the generation prompt unless it starts with the BOS text; the empty-context prefix is BOS, else EOS;
+    ``decode`` skips special tokens. A sentencepiece model encodes as ``Tokenizer.encode`` does (no
+    special tokens) and its prefix is EOS.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.auto = None
+        if tokenizer.path.is_dir():
+            from transformers import AutoTokenizer
+
+            self.auto = AutoTokenizer.from_pretrained(str(tokenizer.path))
+        eos = tokenizer.eos_token_id
+        self.eos_token_id = eos if eos is not None and eos >= 0 else None
+        bos = self.auto.bos_token_id if self.auto is not None else None
+        self.prefix_token_id = bos if bos is not None else self.eos_token_id
+        self.bos_text = self.auto.bos_token if self.auto is not None else None
+        self.prefix_text = self._raw_text(self.prefix_token_id)
+
+    def _raw_text(self, token_id: int | None) -> str | None:
+        if self.auto is None or token_id is None:
+            return None
+        return self.auto.decode(token_id)
+
+    def encode(
+        self, text: str, special_tokens: bool | None = None, starts_with: str | None = None
+    ) -> list[int]:
+        """Ids of ``text``; ``special_tokens`` None: added unless ``text`` starts with ``starts_with``
+        (by default the prefix token's text)."""
+        if self.auto is None:
+            return self.tokenizer.encode(text)
+        if special_tokens is None:
+            marker = self.prefix_text if starts_with is None else starts_with
+            special_tokens = not (marker and text.startswith(marker))
+        return list(self.auto.encode(text, add_special_tokens=special_tokens))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A generation prompt's ids (lm-eval's batch encoding looks for the BOS text, not the prefix's)."""
+        return self.encode(text, starts_with=self.bos_text or "")
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        if self.auto is None:
+            return self.tokenizer.decode(token_ids)
+        return self.auto.decode(list(token_ids), skip_special_tokens=True)
 
 
 def _loglikelihood_signal_fn(tp_group, vocab_size: int):
@@ -123,28 +290,30 @@ class MegatronLM(LM):
         max_length: int = 0,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         seed: int = 0,
-        **ignored: Any,
+        dtype: str = "auto",
+        **extra: Any,
     ):
         super().__init__()
+        check_model_args(extra)
         if not checkpoint or not tokenizer:
             raise ValueError(
                 "megatron_tropd needs model_args checkpoint=<Megatron weights> and tokenizer=<sentencepiece "
-                ".model or HF tokenizer directory>"
+                ".model, HF tokenizer directory or its tokenizer.json>"
             )
-        del ignored  # lm-eval passes device / max_batch_size, which the layout decides here
-        from megatron_tropd.checkpoint import read_weights_config
-        from megatron_tropd.eval.harness import load_model
-        from megatron_tropd.platform import init_distributed
-
+        parse_dtype(dtype)
+        check_launch(int(tensor_parallel), int(pipeline_parallel))
+        text = Tokenizer(tokenizer_location(str(tokenizer)))
         init_distributed()
-        directory, model_config = read_weights_config(checkpoint)
-        model, groups = load_model(
-            directory, model_config, tensor_parallel=int(tensor_parallel),
-            pipeline_parallel=int(pipeline_parallel), seed=int(seed),
-        )  # fmt: skip
-        self._setup(
-            model, groups, Tokenizer(tokenizer), model_config, batch_size, max_length, max_gen_toks, seed
+        model, groups, model_config = load_model(
+            str(checkpoint), int(tensor_parallel), int(pipeline_parallel), int(seed), dtype
         )
+        self._setup(model, groups, text, model_config, batch_size, max_length, max_gen_toks, seed)
+        if _is_rank_zero():
+            logger.info(
+                "megatron_tropd: %s on TP%d x PP%d x DP%d, max_length %d, %s parameters", checkpoint,
+                groups.layout.tensor_parallel, groups.layout.pipeline_parallel, groups.data_parallel,
+                self.max_length, next(model.parameters()).dtype,
+            )  # fmt: skip
 
     @classmethod
     def from_model(
@@ -169,6 +338,7 @@ class MegatronLM(LM):
         from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
 
         self.model, self.groups, self.tokenizer = model.eval(), groups, tokenizer
+        self.encoding = HFEncoding(tokenizer)
         self.vocab_size = model_config.vocab_size
         self.max_length = int(max_length) or model_config.max_position_embeddings
         if self.max_length < 2 or self.max_length > model_config.max_position_embeddings:
@@ -182,80 +352,134 @@ class MegatronLM(LM):
         self.engine = MegatronGenerationEngine(
             model, groups, self.vocab_size, self.max_length, self.batch_size
         )
-        eos = tokenizer.eos_token_id
-        self.eos_token_id = eos if eos is not None and eos >= 0 else None
+        self.eos_token_id = self.encoding.eos_token_id
 
     @property
     def tokenizer_name(self) -> str:
-        return str(self.tokenizer.path)
+        return str(self.tokenizer.path).replace("/", "__")
+
+    # ------------------------------------------------------------------------------------- chat template
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The tokenizer's chat template (``chat_template.jinja`` first), or None when not asked for."""
+        if not chat_template:
+            return None
+        template = self.tokenizer.chat_template
+        if not template or self.encoding.auto is None:
+            raise ValueError(
+                f"--apply_chat_template: tokenizer {self.tokenizer.path} has no chat template (neither "
+                "chat_template.jinja nor a 'chat_template' in tokenizer_config.json of an HF tokenizer)"
+            )
+        if isinstance(chat_template, str):
+            logger.warning(
+                "megatron_tropd: the tokenizer has one chat template; %r is ignored", chat_template
+            )
+        return template
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """``chat_history`` rendered by transformers with the tokenizer's template; a template that refuses
+        a system turn is tried again without it (as lm-eval's ``hf`` backend does)."""
+        import jinja2
+
+        try:
+            return self._render(chat_history, add_generation_prompt)
+        except jinja2.exceptions.TemplateError:
+            logger.warning("megatron_tropd: the chat template failed; retrying without the system turn")
+            turns = [turn for turn in chat_history if turn["role"] != "system"]
+            return self._render(turns, add_generation_prompt)
+
+    def _render(self, chat_history: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        template = self.chat_template(True)  # refuses a tokenizer without one
+        return self.encoding.auto.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt, chat_template=template,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------ log-likelihood
 
     def _prefix_token(self) -> int:
-        if self.eos_token_id is None:
+        if self.encoding.prefix_token_id is None:
             raise ValueError(
-                f"tokenizer {self.tokenizer.path} has no end-of-sequence token to condition an empty "
-                "context on"
+                f"tokenizer {self.tokenizer.path} has neither a beginning- nor an end-of-sequence token to "
+                "condition an empty context on"
             )
-        return self.eos_token_id
+        return self.encoding.prefix_token_id
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Tokens of context and continuation, split as lm-eval's HF model does (trailing context spaces
-        move to the continuation; the continuation is the whole text's tokens after the context's)."""
+        move to the continuation; the continuation is the whole text's tokens after the context's; an
+        empty context is the prefix token unless the continuation starts with it)."""
+        if not context:
+            continuation_ids = self.encoding.encode(continuation, special_tokens=False)
+            if continuation_ids and continuation_ids[0] == self._prefix_token():
+                return continuation_ids[:1], continuation_ids[1:]
+            return [self._prefix_token()], continuation_ids
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        if not context:
-            return [self._prefix_token()], self.tokenizer.encode(continuation)
-        whole = self.tokenizer.encode(context + continuation)
-        context_ids = self.tokenizer.encode(context)
+        whole = self.encoding.encode(context + continuation)
+        context_ids = self.encoding.encode(context)
         return context_ids, whole[len(context_ids) :]
 
     def _scored_row(self, context_ids: list[int], continuation_ids: list[int]) -> list[int]:
-        if len(continuation_ids) >= self.max_length:
+        """The model reads at most ``max_length`` tokens: the row's last token is only a label."""
+        if len(continuation_ids) > self.max_length:
             raise ValueError(
                 f"a continuation of {len(continuation_ids)} tokens does not fit in "
-                f"max_length={self.max_length} with at least one context token"
+                f"max_length={self.max_length}"
             )
-        return (context_ids + continuation_ids)[-self.max_length :]  # left-truncate the context
+        return (context_ids + continuation_ids)[-(self.max_length + 1) :]  # left-truncate the context
 
-    def loglikelihood_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def loglikelihood_tokens(
+        self, pairs: Sequence[tuple[list[int], list[int]]], disable_tqdm: bool = True
+    ) -> list[tuple[float, bool]]:
         """``(sum of continuation log-probs, continuation is greedy)`` per (context, continuation) ids."""
         results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
         pending = [index for index, (_, continuation) in enumerate(pairs) if continuation]
+        with progress(len(pairs), "Running loglikelihood requests", disable_tqdm) as bar:
+            bar.update(len(pairs) - len(pending))
+            for start in range(0, len(pending), self.batch_size):
+                batch = pending[start : start + self.batch_size]
+                for index, result in zip(batch, self._score_batch([pairs[i] for i in batch]), strict=True):
+                    results[index] = result
+                bar.update(len(batch))
+        return results
+
+    def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        rows = [self._scored_row(*pair) for pair in pairs]
         micro_batch_size = max(1, self.batch_size // self.groups.data_parallel)
-        for start in range(0, len(pending), self.batch_size):
-            batch = pending[start : start + self.batch_size]
-            rows = [self._scored_row(*pairs[index]) for index in batch]
-            log_probs, greedy_ids = score_token_rows(
-                self.model, self.groups, rows, self.vocab_size, micro_batch_size
-            )
-            for slot, (index, row) in enumerate(zip(batch, rows, strict=True)):
-                count = len(pairs[index][1])
-                positions = slice(len(row) - 1 - count, len(row) - 1)  # logits that predict the continuation
-                expected = torch.tensor(row[-count:], dtype=torch.int64)
-                total = float(log_probs[slot, positions].double().sum())
-                results[index] = (total, bool((greedy_ids[slot, positions] == expected).all()))
+        log_probs, greedy_ids = score_token_rows(
+            self.model, self.groups, rows, self.vocab_size, micro_batch_size
+        )
+        results = []
+        for slot, ((_, continuation), row) in enumerate(zip(pairs, rows, strict=True)):
+            count = len(continuation)
+            positions = slice(len(row) - 1 - count, len(row) - 1)  # logits that predict the continuation
+            expected = torch.tensor(row[-count:], dtype=torch.int64)
+            total = float(log_probs[slot, positions].double().sum())
+            results.append((total, bool((greedy_ids[slot, positions] == expected).all())))
         return results
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [self._encode_pair(*request.args) for request in requests]
-        return self.loglikelihood_tokens(pairs)
+        return self.loglikelihood_tokens(pairs, disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Log-likelihood of each whole text, in windows of at most ``max_length`` tokens."""
+        """Log-likelihood of each whole text, in lm-eval's windows of ``max_length`` predicted tokens."""
         pairs, owners = [], []
         for owner, request in enumerate(requests):
             (text,) = request.args[:1]
             windows = get_rolling_token_windows(
-                self.tokenizer.encode(text), prefix_token=self._prefix_token(),
-                max_seq_len=self.max_length - 1, context_len=1,
+                self.encoding.encode(text), prefix_token=self._prefix_token(),
+                max_seq_len=self.max_length, context_len=1,
             )  # fmt: skip
             for window in windows:
                 pairs.append(make_disjoint_window(window))
                 owners.append(owner)
         totals = [0.0] * len(requests)
-        for owner, (log_prob, _) in zip(owners, self.loglikelihood_tokens(pairs), strict=True):
+        for owner, (log_prob, _) in zip(owners, self.loglikelihood_tokens(pairs, disable_tqdm), strict=True):
             totals[owner] += log_prob
         return totals
 
@@ -289,7 +513,9 @@ class MegatronLM(LM):
         from megatron_tropd.rollout.text import generate_data_parallel
 
         room = self.max_length - sampling.max_new_tokens
-        prompts = [self.tokenizer.encode(context)[-room:] or [self._prefix_token()] for context in contexts]
+        prompts = [
+            self.encoding.encode_prompt(context)[-room:] or [self._prefix_token()] for context in contexts
+        ]
         extra = (-len(prompts)) % self.groups.data_parallel  # every replica gets as many requests
         prompts += [prompts[-1]] * extra
         sample_ids = [*sample_ids, *range(max(sample_ids) + 1, max(sample_ids) + 1 + extra)]
@@ -298,7 +524,7 @@ class MegatronLM(LM):
         texts = []
         for result in results[: len(contexts)]:
             ids = result.generated_token_ids[:-1] if result.finished_by_stop else result.generated_token_ids
-            texts.append(self.tokenizer.decode(ids))
+            texts.append(self.encoding.decode(ids))
         return texts
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -307,13 +533,15 @@ class MegatronLM(LM):
         for index, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(index)
         outputs: list[str] = [""] * len(requests)
-        for indices in groups.values():
-            sampling, until = self._sampling(dict(requests[indices[0]].args[1]))
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                texts = self._generate_group([requests[i].args[0] for i in chunk], sampling, chunk)
-                for index, text in zip(chunk, texts, strict=True):
-                    outputs[index] = truncate_until(text, until)
+        with progress(len(requests), "Running generate_until requests", disable_tqdm) as bar:
+            for indices in groups.values():
+                sampling, until = self._sampling(dict(requests[indices[0]].args[1]))
+                for start in range(0, len(indices), self.batch_size):
+                    chunk = indices[start : start + self.batch_size]
+                    texts = self._generate_group([requests[i].args[0] for i in chunk], sampling, chunk)
+                    for index, text in zip(chunk, texts, strict=True):
+                        outputs[index] = truncate_until(text, until)
+                    bar.update(len(chunk))
         return outputs
 
 
@@ -348,15 +576,35 @@ def rank_zero_arguments(argv: Sequence[str], rank: int) -> list[str]:
     return kept
 
 
+def _warning_or_worse(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+def configure_logging(rank: int) -> None:
+    """Every rank runs the same program, so only rank 0 logs at INFO (this project's lines and
+    lm-eval's); the other ranks keep their warnings and errors."""
+    from lm_eval.utils import setup_logging
+
+    from megatron_tropd.console import configure_console
+
+    configure_console({**os.environ, "RANK": str(rank)})
+    setup_logging()  # lm-eval's handler, which its command line would install
+    if rank:
+        for handler in logging.getLogger("lm_eval").handlers:
+            if _warning_or_worse not in handler.filters:
+                handler.addFilter(_warning_or_worse)
+
+
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's command line with ``megatron_tropd`` registered; under a launcher only rank 0 writes
-    results and prints them."""
+    results, prints them and logs at INFO."""
     import contextlib
     import sys
 
     from lm_eval.__main__ import cli_evaluate
 
     rank = int(os.environ.get("RANK", "0"))
+    configure_logging(rank)
     sys.argv = [sys.argv[0], *rank_zero_arguments(sys.argv[1:] if argv is None else argv, rank)]
     quiet = open(os.devnull, "w") if rank else contextlib.nullcontext(sys.stdout)  # noqa: SIM115
     with quiet as out, contextlib.redirect_stdout(out):

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from megatron_tropd.eval.instructions import CHECKERS, checker_arguments
+from megatron_tropd.eval.instructions import CHECKERS, checker_arguments, unavailable
 
 FAMILIES = ("math", "code", "instruction", "multiple_choice")
 LETTERS = string.ascii_uppercase
@@ -129,6 +129,8 @@ def _parse_constraint(index: int, raw: Any) -> Constraint:
         raise _LineError(where, 'expected {"type": str, "kwargs": {...}}')
     if raw["type"] not in CHECKERS:
         raise _LineError(f"{where}.type", f"unknown checker {raw['type']!r}; known: {sorted(CHECKERS)}")
+    if reason := unavailable(raw["type"]):
+        raise _LineError(f"{where}.type", reason)
     kwargs = raw.get("kwargs") or {}
     if not isinstance(kwargs, dict):
         raise _LineError(f"{where}.kwargs", "expected an object")

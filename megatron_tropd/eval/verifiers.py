@@ -10,7 +10,6 @@ sympy comparison otherwise; :data:`MATH_BACKEND` says which is active.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from dataclasses import dataclass, replace
@@ -23,9 +22,10 @@ from sympy.parsing.sympy_parser import (
     standard_transformations,
 )
 
+from megatron_tropd.eval import livecodebench
 from megatron_tropd.eval.instructions import CHECKERS
 from megatron_tropd.eval.sandbox import SandboxLimits, run_program
-from megatron_tropd.eval.schema import LETTERS, Item
+from megatron_tropd.eval.schema import LETTERS, CodeTest, Item
 
 try:
     import math_verify
@@ -183,10 +183,10 @@ def verify_multiple_choice(response: str, answer: str, num_options: int) -> Verd
 
 
 def loose_variants(response: str) -> list[str]:
-    """IFEval's loose forms of a response: without its first line, its last line or both (a preamble or
-    sign-off), each also with the markdown emphasis ``*`` removed."""
+    """IFEval's loose forms of a response, as lm-eval and IFBench build them: the response, and it without
+    its first line, its last line or both (each stripped), each also with the markdown ``*`` removed."""
     lines = response.split("\n")
-    cut = ["\n".join(lines[1:]), "\n".join(lines[:-1]), "\n".join(lines[1:-1])]
+    cut = ["\n".join(part).strip() for part in (lines[1:], lines[:-1], lines[1:-1])]
     forms = [response, *cut]
     return forms + [form.replace("*", "") for form in forms]
 
@@ -198,7 +198,7 @@ def verify_instructions(response: str, item: Item, loose: bool = False) -> Verdi
     failed = [
         c.type
         for c in item.constraints
-        if not any(CHECKERS[c.type](form, **c.kwargs) for form in forms if form)
+        if not any(CHECKERS[c.type](form, **c.kwargs) for form in forms if form.strip())
     ]
     return Verdict(not failed, f"failed constraints: {failed}" if failed else "")
 
@@ -207,21 +207,6 @@ def verify_instructions(response: str, item: Item, loose: bool = False) -> Verdi
 
 _CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
-# Prepended to every program, as LiveCodeBench's harness does: solutions may use these names unimported.
-_CODE_PRELUDE = (
-    "import bisect, collections, functools, heapq, itertools, math, re, string, sys\n"
-    "from collections import *\nfrom functools import *\nfrom itertools import *\nfrom typing import *\n\n"
-)
-
-# Appended for LeetCode-style items: one JSON argument per input line, the JSON return value printed.
-_ENTRY_HARNESS = """
-
-import json as _json, sys as _sys
-_args = [_json.loads(_line) for _line in _sys.stdin.read().splitlines() if _line.strip()]
-_target = Solution().{entry} if "Solution" in globals() else {entry}
-print(_json.dumps(_target(*_args)))
-"""
-
 
 def extract_code(response: str) -> str | None:
     """The last fenced code block (```python ... ```), or None."""
@@ -229,33 +214,42 @@ def extract_code(response: str) -> str | None:
     return blocks[-1] if blocks else None
 
 
-def _same_output(expected: str, actual: str, entry: str | None) -> bool:
-    if entry is not None:
-        try:
-            return json.loads(expected) == json.loads(actual)
-        except ValueError:
-            return False
-    lines = lambda s: [line.rstrip() for line in s.strip().splitlines()]  # noqa: E731
-    return lines(expected) == lines(actual)
+def _run_stdin_test(program: str, test: CodeTest, limits: SandboxLimits) -> str | None:
+    """None when the test passes, else why not."""
+    result = run_program(program, test.input, limits)
+    if not result.ok:
+        return f"{result.status}: {result.reason}"
+    if not livecodebench.same_stdout(test.output, result.stdout):
+        return f"wrong output {result.stdout[:80]!r}"
+    return None
+
+
+def _run_call_test(program: tuple[str, str], test: CodeTest, limits: SandboxLimits) -> str | None:
+    source, marker = program
+    result = run_program(source, livecodebench.call_stdin(test.input, test.output), limits)
+    if not result.ok:
+        return f"{result.status}: {result.reason}"
+    passed, returned = livecodebench.call_verdict(result.stdout, marker)
+    return None if passed else f"wrong output {returned}"
 
 
 def verify_code(response: str, item: Item, limits: SandboxLimits | None = None) -> Verdict:
-    """Run the response's program on every test in the sandbox; the first failing test is the reason."""
-    program = extract_code(response)
-    if program is None:
+    """Run the response's program on every test in the sandbox, graded as LiveCodeBench grades
+    (:mod:`megatron_tropd.eval.livecodebench`); the first failing test is the reason."""
+    code = extract_code(response)
+    if code is None:
         return Verdict(False, "no fenced code block in the response")
-    program = _CODE_PRELUDE + program
-    if item.entry is not None:
-        program += _ENTRY_HARNESS.format(entry=item.entry)
     limits = limits or SandboxLimits()
     if item.timeout_seconds is not None:
         limits = replace(limits, wall_seconds=item.timeout_seconds)
+    if item.entry is None:
+        program, run_test = livecodebench.stdin_program(code), _run_stdin_test
+    else:
+        program, run_test = livecodebench.call_program(code, item.entry), _run_call_test
     for index, test in enumerate(item.tests):
-        result = run_program(program, test.input, limits)
-        if not result.ok:
-            return Verdict(False, f"test {index}: {result.status}: {result.reason}")
-        if not _same_output(test.output, result.stdout, item.entry):
-            return Verdict(False, f"test {index}: wrong output {result.stdout[:80]!r}")
+        failure = run_test(program, test, limits)
+        if failure is not None:
+            return Verdict(False, f"test {index}: {failure}")
     return Verdict(True)
 
 
