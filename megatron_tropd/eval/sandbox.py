@@ -30,6 +30,21 @@ paragraph summarises them. Layers, outermost first:
 - **No network.** As root the child also enters a new, empty network namespace (``unshare(CLONE_NEWNET)``,
   the syscall behind ``unshare -n``): no interface but a down loopback. The audit hook below denies
   socket creation in every case.
+- **bubblewrap** (``bwrap``), when it is on PATH and a probe run under it works; ``TROPD_SANDBOX_ISOLATION``
+  chooses: ``auto`` (the default) uses it then, ``bwrap`` requires it (:func:`isolation` raises where it
+  cannot run), ``builtin`` never uses it. After the layers above and the drop to the run's uid the child
+  executes ``bwrap``, which starts the program in new user (the uid mapped to itself, no capabilities, no
+  further user namespaces where bwrap has ``--disable-userns``), pid (``/proc`` lists the run alone),
+  network (a down loopback), IPC and UTS namespaces, on a root of its own: the same read-only system and
+  interpreter directories, the run's directory read-only except its working directory, a private ``/tmp``
+  and ``/dev/shm`` (each the size of RLIMIT_FSIZE), the same five devices, ``/`` and ``/dev`` read-only;
+  it dies with its parent. Running as the run's uid keeps that uid's process cap (bwrap's own processes
+  and a small reaper that collects bwrap's exited init are added to it) and the kill at the end; bwrap
+  reports a program killed by a signal as exit status 128 + the signal, which is read back as that
+  signal. Each run takes some 30 ms longer. It needs unprivileged user namespaces, and it holds
+  where the layers above are missing: without root or mount namespaces the program still has no network,
+  no host files beyond the system's and a private ``/tmp``. Where bwrap is installed but its probe fails,
+  a warning says why, once, and the other layers run alone (:attr:`Isolation.note` says why).
 - **Resource limits** (``resource.setrlimit`` in the child before exec): CPU seconds, address space,
   number of processes (RLIMIT_NPROC; threads count), size of any written file, open files. Root ignores
   RLIMIT_NPROC, which is one more reason the child never keeps uid 0.
@@ -55,7 +70,8 @@ Where a layer is missing (reported by :func:`isolation`):
 - Not root: the program runs as the evaluator's own user. RLIMIT_NPROC is set to that user's process
   count plus ``max_processes``, so concurrent runs and the user's other processes share one budget; only
   the process group is killed at the end (a child that calls ``setsid`` outlives the run, bounded by
-  its CPU limit); the file system and the network are the host's, guarded by the audit hook only.
+  its CPU limit, unless bwrap runs: its pid namespace ends with the run); without bwrap the file system
+  and the network are the host's, guarded by the audit hook only.
 
 Remaining limits, even with every layer: the uid lease is coordinated through ``/tmp`` on one machine
 (sandboxes in separate containers that share a kernel and its uids need distinct
@@ -87,7 +103,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from pathlib import Path
 
@@ -98,6 +114,10 @@ SANDBOX_UID_COUNT = 1024
 SANDBOX_UID = 65534  # nobody: shared by all runs only where the per-run range is unusable
 _LOW_UID_BASE = SANDBOX_UID - 2 - SANDBOX_UID_COUNT  # 64508..65531, below nobody and nogroup (65534)
 _UID_BASE_ENV = "TROPD_SANDBOX_UID_BASE"
+_MODE_ENV = "TROPD_SANDBOX_ISOLATION"
+_MODES = ("auto", "bwrap", "builtin")
+_BWRAP_PROCESSES = 3  # _REAPER, bwrap, and bwrap's init (pid 1 of the run's pid namespace)
+_SIGNAL_NUMBERS = frozenset(int(s) for s in signal.Signals)
 # A fixed path, not TMPDIR: every process of the machine that runs sandboxes must see the same locks.
 _LEASE_DIR = Path("/tmp/tropd-sandbox-uids")
 
@@ -173,6 +193,24 @@ runpy.run_path(program, run_name="__main__")
 """
 
 
+# Starts bwrap (argv[1:]) and reaps every process orphaned to it: bwrap exits as soon as the program has,
+# before its init (pid 1 of the run's pid namespace) is reaped, which then falls to the system's init, and
+# not every container's init reaps. Exits with bwrap's status.
+_REAPER = r"""
+import ctypes, os, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+child, code = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ), 1
+while True:
+    try:
+        pid, status = os.wait()
+    except ChildProcessError:
+        break
+    if pid == child:
+        code = os.waitstatus_to_exitcode(status)
+os._exit(code if code >= 0 else 128 - code)
+"""
+
+
 @dataclass(frozen=True)
 class SandboxLimits:
     """Per-run limits. Defaults suit competitive-programming tests (seconds, not minutes)."""
@@ -226,13 +264,16 @@ class Isolation:
     """Why a layer is off, when one is."""
     shared_uid: int | None = None
     """Root without usable per-run uids: the one unprivileged uid (nobody) every run shares."""
+    bwrap: bool = False
+    """Each program runs under bubblewrap: its own user, pid, network and IPC namespaces, a read-only root
+    of the system and Python directories, a private /tmp and /dev/shm."""
 
     @property
     def mechanisms(self) -> str:
-        """The active layers, e.g. ``per-run-uid+netns+private-root+hidepid+audit-hook``."""
-        names = ["per-run-uid", "shared-uid", "netns", "private-root", "hidepid"]
+        """The active layers, e.g. ``per-run-uid+netns+private-root+hidepid+bwrap+audit-hook``."""
+        names = ["per-run-uid", "shared-uid", "netns", "private-root", "hidepid", "bwrap"]
         flags = [self.per_run_uid, self.shared_uid is not None, self.network_namespace]
-        flags += [self.private_root, self.hidden_processes]
+        flags += [self.private_root, self.hidden_processes, self.bwrap]
         return "+".join([name for name, on in zip(names, flags, strict=True) if on] + ["audit-hook"])
 
 
@@ -252,6 +293,8 @@ class _Probe:
     """How the private root gets its /proc: one of ``_PROC_MODES``; '' without a private root."""
     uid_base: int
     """The first uid of the per-run range in use."""
+    bwrap: tuple[str, ...] = ()
+    """The bwrap executable and the options of its version that runs add; empty without bwrap."""
 
 
 def isolation() -> Isolation:
@@ -267,18 +310,29 @@ def sandbox_uids() -> range:
 
 def _probed() -> _Probe:
     with _ISOLATION_LOCK:  # concurrent first runs wait for one probe instead of each probing
-        return _probe_isolation()
+        return _with_bwrap(_probe_isolation(), isolation_mode(), shutil.which("bwrap") or "")
+
+
+def isolation_mode() -> str:
+    """``TROPD_SANDBOX_ISOLATION``: ``auto`` (default: bwrap when it runs here), ``bwrap`` (required) or
+    ``builtin`` (never bwrap)."""
+    mode = os.environ.get(_MODE_ENV, "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"{_MODE_ENV}={mode!r}: expected one of {', '.join(_MODES)}")
+    return mode
 
 
 def network_isolation() -> str:
-    """Which network isolation is active: ``"netns+audit-hook"`` as root here, else ``"audit-hook"``."""
-    return "netns+audit-hook" if isolation().network_namespace else "audit-hook"
+    """Which network isolation is active: ``"netns+audit-hook"`` as root or under bwrap, else
+    ``"audit-hook"``."""
+    layers = isolation()
+    return "netns+audit-hook" if layers.network_namespace or layers.bwrap else "audit-hook"
 
 
 @lru_cache(maxsize=1)
 def _probe_isolation() -> _Probe:
     if not _is_root():
-        layers = Isolation(False, False, False, False, "not root: the evaluator's uid, host file system")
+        layers = Isolation(False, False, False, False, "not root: the evaluator's uid, no private root")
         return _Probe(layers, "", 0)
     notes = []
     bases = _uid_bases()
@@ -298,12 +352,56 @@ def _probe_isolation() -> _Probe:
                 proc_mode = mode
                 break
     if not proc_mode:
-        logger.warning("sandbox: no private root, programs see the host file system (%s)", error)
+        logger.warning(
+            "sandbox: no private root, programs see the host file system unless bwrap runs (%s)", error
+        )
         notes.append(f"private root unavailable: {error}")
     layers = Isolation(
         per_run_uid, netns, bool(proc_mode), proc_mode == "hidepid", "; ".join(notes), shared_uid
     )
     return _Probe(layers, proc_mode, base or 0)
+
+
+@lru_cache(maxsize=8)
+def _with_bwrap(probe: _Probe, mode: str, bwrap: str) -> _Probe:
+    """``probe`` with the bwrap layer on where ``mode`` asks for it and a run under bwrap works here."""
+    if mode == "builtin":
+        return probe
+    prefix = (bwrap, *_bwrap_extras(bwrap)) if bwrap else ()
+    error = _probe_bwrap(probe, prefix) if bwrap else "bwrap is not on PATH"
+    if not error:
+        return replace(probe, layers=replace(probe.layers, bwrap=True), bwrap=prefix)
+    if mode == "bwrap":
+        raise RuntimeError(f"sandbox: {_MODE_ENV}=bwrap, but bwrap cannot run programs here: {error}")
+    if bwrap:  # installed but refused (e.g. no user namespaces): say why, once
+        logger.warning("sandbox: bwrap is installed but cannot run programs here, not using it (%s)", error)
+    note = "; ".join(filter(None, [probe.layers.note, f"no bwrap: {error}"]))
+    return replace(probe, layers=replace(probe.layers, note=note))
+
+
+def _probe_bwrap(probe: _Probe, prefix: tuple[str, ...]) -> str:
+    """Run a short program under bwrap the way every run goes; '' when it worked, else what went wrong."""
+    layers = replace(probe.layers, bwrap=True)
+    limits = SandboxLimits(wall_seconds=30.0)
+    try:
+        result = _run_source("print('ok')", "", limits, layers, replace(probe, bwrap=prefix))
+    except (OSError, subprocess.SubprocessError) as error:
+        return str(error)
+    if result.ok and result.stdout == "ok\n":
+        return ""
+    detail = result.stderr.strip()[-300:]
+    return f"{result.reason} ({detail})" if detail and detail not in result.reason else result.reason
+
+
+@lru_cache(maxsize=4)
+def _bwrap_extras(bwrap: str) -> tuple[str, ...]:
+    """Options that not every bwrap has: ``--disable-userns`` (0.8) keeps the program from making user
+    namespaces of its own."""
+    try:
+        usage = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return ("--disable-userns",) if "--disable-userns" in usage else ()
 
 
 def _can_become(uid: int) -> bool:
@@ -422,6 +520,31 @@ def _read_only_paths(python: str) -> list[str]:
         if os.path.islink(path) or not any(_under(real, k) for k in bound):
             kept.append(path)
     return kept
+
+
+def _bwrap_arguments(outer: Path, work: Path, scratch_bytes: int) -> list[str]:
+    """bwrap's options for one run: new namespaces, then the same minimal root as the private root, with
+    the run's directory read-only but for its working directory, and ``/`` and ``/dev`` read-only."""
+    args = ["--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts"]
+    args += ["--unshare-cgroup-try", "--die-with-parent", "--cap-drop", "ALL"]
+    args += ["--size", str(scratch_bytes), "--tmpfs", "/tmp", "--tmpfs", "/dev"]
+    for name in _DEVICE_NODES:
+        if os.path.exists("/dev/" + name):
+            args += ["--dev-bind", "/dev/" + name, "/dev/" + name]
+    for name, target in _DEVICE_LINKS:
+        args += ["--symlink", target, "/dev/" + name]
+    args += ["--size", str(scratch_bytes), "--tmpfs", "/dev/shm", "--remount-ro", "/dev", "--proc", "/proc"]
+    for path in _read_only_paths(default_python()):
+        args += ["--symlink", os.readlink(path), path] if os.path.islink(path) else ["--ro-bind", path, path]
+    args += ["--ro-bind", str(outer), str(outer), "--bind", str(work), str(work)]
+    return [*args, "--remount-ro", "/", "--chdir", str(work)]
+
+
+def _unwrapped_returncode(returncode: int) -> int:
+    """bwrap exits with 128 + the number of the signal that ended the program, as a shell reports it:
+    report the signal, as a direct child's status would (a program's own exit status above 128 reads as
+    that signal too)."""
+    return 128 - returncode if returncode - 128 in _SIGNAL_NUMBERS else returncode
 
 
 # ------------------------------------------------------------------------------ in the child (fork..exec)
@@ -640,9 +763,9 @@ def _scan_uid(uid: int) -> tuple[int, int]:
     return live, zombies
 
 
-def _lease_uid() -> _Lease:
-    """Lock the first free uid of the range for this run."""
-    directory, base = _lease_dir(), _probed().uid_base
+def _lease_uid(base: int) -> _Lease:
+    """Lock the first free uid of the range from ``base`` for this run."""
+    directory = _lease_dir()
     for uid in range(base, base + SANDBOX_UID_COUNT):
         fd = os.open(directory / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -662,12 +785,12 @@ def _lease_uid() -> _Lease:
 
 
 @contextmanager
-def _run_uid() -> Iterator[_Lease | None]:
+def _run_uid(layers: Isolation | None = None, base: int | None = None) -> Iterator[_Lease | None]:
     """A uid leased for the duration of the run where per-run uids work; otherwise None."""
-    if not isolation().per_run_uid:
+    if not (layers or isolation()).per_run_uid:
         yield None
         return
-    lease = _lease_uid()
+    lease = _lease_uid(_probed().uid_base if base is None else base)
     try:
         yield lease
     finally:
@@ -841,25 +964,40 @@ def _spawn(command: list[str], outer: Path, work: Path, env: dict[str, str], pre
             raise subprocess.SubprocessError(f"{error} {detail}".strip()) from error
 
 
+def _process_cap(lease: _Lease | None, uid: int | None, limits: SandboxLimits) -> int:
+    """RLIMIT_NPROC of the run: its own processes on a leased uid, else a budget shared with the uid's."""
+    if lease is not None:
+        return limits.max_processes + lease.zombies
+    if uid is not None:
+        return limits.max_processes  # shared by every run of that uid
+    return _processes_of_uid(os.getuid()) + limits.max_processes
+
+
+def _command(outer: Path, work: Path, bwrap: tuple[str, ...], scratch_bytes: int) -> list[str]:
+    """The interpreter on the bootstrap and the program; under bwrap (started as the run's uid, so its
+    process cap and the kill at the end still hold) and _REAPER when ``bwrap`` names it."""
+    command = [default_python(), "-I", "-B", str(outer / "bootstrap.py"), str(work / "main.py")]
+    if not bwrap:
+        return command
+    wrapper = [*bwrap, *_bwrap_arguments(outer, work, scratch_bytes), "--"]
+    return [default_python(), "-I", "-S", "-B", "-c", _REAPER, *wrapper, *command]
+
+
 def _run_in(
-    outer: Path, work: Path, lease: _Lease | None, layers: Isolation, limits: SandboxLimits
+    outer: Path, work: Path, lease: _Lease | None, layers: Isolation, limits: SandboxLimits, probe: _Probe
 ) -> RunResult:
     start = time.monotonic()
     uid = lease.uid if lease is not None else layers.shared_uid
-    if lease is not None:
-        nproc = limits.max_processes + lease.zombies
-    elif uid is not None:
-        nproc = limits.max_processes  # shared by every run of that uid
-    else:
-        nproc = _processes_of_uid(os.getuid()) + limits.max_processes
+    nproc = _process_cap(lease, uid, limits) + (_BWRAP_PROCESSES if layers.bwrap else 0)
     flags = (_CLONE_NEWNET if layers.network_namespace else 0) | (
         _CLONE_NEWNS | _CLONE_NEWIPC if layers.private_root else 0
     )
     plan = None
     if layers.private_root:
-        plan = _root_plan(outer, work, limits.file_size_bytes, _probed().proc_mode)
+        plan = _root_plan(outer, work, limits.file_size_bytes, probe.proc_mode)
     env = {"HOME": str(work), "TMPDIR": str(work), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-    command = [default_python(), "-I", "-B", str(outer / "bootstrap.py"), str(work / "main.py")]
+    bwrap = (probe.bwrap or ("bwrap",)) if layers.bwrap else ()
+    command = _command(outer, work, bwrap, limits.file_size_bytes)
     process = _spawn(command, outer, work, env, _make_preexec(limits, flags, plan, uid, nproc))
     timed_out = False
     try:
@@ -870,11 +1008,27 @@ def _run_in(
         _kill_uid(lease.uid)  # everything the run started, wherever it moved to
     else:
         _kill_group(process.pid)  # also reaps children the program left running in its group
-    process.wait()
+    returncode = process.wait()
+    if layers.bwrap:
+        returncode = _unwrapped_returncode(returncode)
     stdout, too_long = _read_capped(outer / "stdout", limits.output_bytes)
     stderr, _ = _read_capped(outer / "stderr", 64 << 10)
-    status, reason = _classify(process.returncode, timed_out, too_long, stderr)
-    return RunResult(status, process.returncode, stdout, stderr, reason, time.monotonic() - start)
+    status, reason = _classify(returncode, timed_out, too_long, stderr)
+    return RunResult(status, returncode, stdout, stderr, reason, time.monotonic() - start)
+
+
+def _run_source(
+    source: str, stdin: str, limits: SandboxLimits, layers: Isolation, probe: _Probe
+) -> RunResult:
+    """One run of ``source`` with these layers: a leased uid, its directories, the run, the clean-up."""
+    with _run_uid(layers, probe.uid_base) as lease:
+        outer, work = _prepare_dirs(source, stdin, lease.uid if lease else layers.shared_uid)
+        try:
+            return _run_in(outer, work, lease, layers, limits, probe)
+        finally:
+            if lease is not None and not layers.private_root:
+                _sweep_scratch(lease.uid)
+            shutil.rmtree(outer, ignore_errors=True)
 
 
 def run_program(source: str, stdin: str = "", limits: SandboxLimits | None = None) -> RunResult:
@@ -882,14 +1036,6 @@ def run_program(source: str, stdin: str = "", limits: SandboxLimits | None = Non
     limits = limits or SandboxLimits()
     start = time.monotonic()
     try:
-        layers = isolation()
-        with _run_uid() as lease:
-            outer, work = _prepare_dirs(source, stdin, lease.uid if lease else layers.shared_uid)
-            try:
-                return _run_in(outer, work, lease, layers, limits)
-            finally:
-                if lease is not None and not layers.private_root:
-                    _sweep_scratch(lease.uid)
-                shutil.rmtree(outer, ignore_errors=True)
+        return _run_source(source, stdin, limits, isolation(), _probed())
     except (OSError, subprocess.SubprocessError) as error:
         return RunResult("sandbox_error", None, "", "", f"could not run: {error}", time.monotonic() - start)
