@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import multiprocessing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -424,6 +425,12 @@ class CheckpointConfig:
     no gather; a resume must keep the student's TP and PP, any DP) or ``fully_reshardable`` (gathered over
     DP while saving; resumable on any layout). The non-distributed optimizer always reshards freely."""
 
+    async_save: bool = False
+    """Write the periodic saves in the background (Megatron's asynchronous sharded save): training goes on
+    once the state is copied off its buffers; the step is published (``latest`` repointed) when every
+    rank's writer is done, checked after each step and waited for by the next save. Saves on a stop
+    signal and at the end of training are synchronous; a crash mid-write leaves ``latest`` as it was."""
+
     def __post_init__(self) -> None:
         self.resume = _resume_mode(self.resume)
 
@@ -433,6 +440,17 @@ class CheckpointConfig:
         _check_choice("checkpoint.resume", self.resume, RESUME_MODES)
         _check_choice("checkpoint.on_damaged", self.on_damaged, ON_DAMAGED)
         _check_choice("checkpoint.optimizer_format", self.optimizer_format, OPTIMIZER_FORMATS)
+        self._check_async_save()
+
+    def _check_async_save(self) -> None:
+        if not isinstance(self.async_save, bool):
+            raise ValueError(f"checkpoint.async_save must be true or false; got {self.async_save!r}")
+        if self.async_save and "fork" not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                "checkpoint.async_save=true needs the 'fork' start method, which this platform lacks: "
+                "Megatron's background writer is a process forked from each rank. Set "
+                "checkpoint.async_save=false"
+            )
 
 
 @dataclass

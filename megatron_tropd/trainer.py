@@ -340,15 +340,29 @@ def train_one_step(job: Job, step: int) -> dict:
     }  # fmt: skip
 
 
-def _save(job: Job, step: int) -> None:
+def _save(job: Job, step: int, in_background: bool = False) -> None:
+    """Save ``step`` (a pending background save is published first); ``in_background``: return once the
+    state is staged, the files being written while training goes on (``checkpoint.async_save``)."""
     from megatron_tropd.checkpoint import save_checkpoint
 
     loop_state = {"step": step, "data_position": job.sampler.position}
     checkpoint = job.config.checkpoint
     save_checkpoint(
         job.run_dir / "checkpoints", step, job.student, loop_state, checkpoint.keep_last,
-        optimizer_format=checkpoint.optimizer_format,
+        optimizer_format=checkpoint.optimizer_format, async_save=in_background,
     )  # fmt: skip
+
+
+def _save_or_publish(job: Job, done: int, final: bool) -> None:
+    """After ``done`` steps: save when due (synchronously when ``final``: a stop or the last step), else
+    publish a background save whose writers have all finished (collective, without waiting)."""
+    from megatron_tropd.checkpoint import finalize_pending_save
+
+    checkpoint = job.config.checkpoint
+    if final or done % checkpoint.save_interval == 0:
+        _save(job, done, in_background=checkpoint.async_save and not final)
+    else:
+        finalize_pending_save(blocking=False)
 
 
 def run(config: RunConfig) -> list[dict]:
@@ -379,11 +393,13 @@ def run(config: RunConfig) -> list[dict]:
             done, stopping = step + 1, stop.agreed(last=step + 1 == config.train_steps)  # collective
             if _evaluation_due(job, done):
                 log.write_eval(done, evaluate_student(job, done))
-            if stopping or done % config.checkpoint.save_interval == 0 or done == config.train_steps:
-                _save(job, done)
+            _save_or_publish(job, done, final=stopping or done == config.train_steps)
             if stopping:
                 break
     finally:
+        from megatron_tropd.checkpoint import abandon_pending_save
+
+        abandon_pending_save()  # a failed run leaves its unfinished background save unpublished
         log.close()
         shutdown_distributed()
         run_lock.release(lock)

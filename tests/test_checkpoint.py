@@ -4,8 +4,8 @@ Four spawns share one directory (the parent test process edits files between the
 
 1. ``save_worker`` (student TP1 x DP2, DistributedOptimizer): trains one student 4 steps straight; trains a
    second, identical student 2 steps and saves it in both DistributedOptimizer formats, the teacher's
-   weights, and a third student with the non-distributed optimizer; runs the pruning, re-save and
-   crashed-save scenarios on side roots.
+   weights, and a third student with the non-distributed optimizer; runs the pruning, re-save,
+   crashed-save and failed background-save scenarios on side roots.
 2. ``resume_worker`` (new processes, same layout): the bad-input cases, then a resume and 2 more steps.
 3. ``reshard_worker`` (new processes, student TP2 x DP1, teacher layout TP1 x PP2): resumes the
    ``fully_reshardable`` and the plain-optimizer checkpoints on another TP and DP size, and loads weights
@@ -169,6 +169,37 @@ def _crashed_save(rank, student, root: Path):
     return {"error": error, "after_failure": after, "after_next_save": _listing(root)}
 
 
+def _failing_write_item(*args, **kwargs):
+    raise OSError("simulated failure of the background writer")
+
+
+def _failed_background_save(rank, student, root: Path):
+    """Save step 1 in the background; step 2 too, rank 1's writer failing; then step 3 synchronously."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_tropd import checkpoint
+
+    checkpoint.save_checkpoint(root, 1, student, {"step": 1}, async_save=True)
+    published = checkpoint.finalize_pending_save()
+    write_item = filesystem_async._write_item
+    if rank == 1:  # the forked writer keeps the patched function
+        filesystem_async._write_item = _failing_write_item
+    try:
+        checkpoint.save_checkpoint(root, 2, student, {"step": 2}, async_save=True)
+    finally:
+        filesystem_async._write_item = write_item
+    error = _error_of(checkpoint.finalize_pending_save)
+    torch.distributed.barrier()
+    after_failure = {"latest": (root / "latest").read_text().strip(), "listing": _listing(root)}
+    checkpoint.save_checkpoint(root, 3, student, {"step": 3})
+    return {
+        "published": published.name,
+        "error": error,
+        "after_failure": after_failure,
+        "after": _listing(root),
+    }
+
+
 def _pruning(rank, student, root: Path):
     """Five saves with keep_last=2; then re-saving an unpublished step and the latest step."""
     from megatron_tropd import checkpoint
@@ -215,6 +246,7 @@ def save_worker(rank, world_size, base):
         "draws": draws,
         "pruning": _pruning(rank, student, base / "prune"),
         "crash": _crashed_save(rank, student, base / "crash"),
+        "failed_background": _failed_background_save(rank, student, base / "background"),
     }
 
 
@@ -513,6 +545,18 @@ def test_failed_save_keeps_latest_and_previous_step(runs):
             assert after["same"] and after["latest"] == "step-0000001\n"
             tmp = [name for name in after["listing"] if name.startswith("tmp-step-0000002-")]
             assert after["listing"] == sorted(["latest", "step-0000001", *tmp]) and len(tmp) == 1
+
+
+def test_failed_background_write_is_raised_everywhere_and_never_published(runs):
+    for saved in runs["saved"]:
+        result = saved["failed_background"]
+        assert result["published"] == "step-0000001"
+        assert result["error"].startswith("CheckpointError: the background save of"), result["error"]
+        assert "step-0000002" in result["error"] and "is not published" in result["error"]
+        assert result["after_failure"]["latest"] == "step-0000001"
+        listing = result["after_failure"]["listing"]
+        assert "step-0000002" not in listing and any(name.startswith("tmp-step-0000002-") for name in listing)
+        assert result["after"] == ["latest", "step-0000001", "step-0000003"]
 
 
 def test_bad_checkpoints_are_refused_before_loading(runs):

@@ -144,6 +144,163 @@ def test_damaged_shard_is_refused_then_the_previous_step_resumes(tmp_path):
     assert (checkpoints / "latest").read_text().strip() == "step-0000004"
 
 
+# --- Background saves: the synchronous run's checkpoints; a crash or a stop signal mid-write --------------
+
+ASYNC_STEPS, ASYNC_CRASH_STEP = 4, 2
+
+
+def _async_config(save_dir, async_save):
+    config = _short_run_config(save_dir, ASYNC_STEPS, f"checkpoint.async_save={str(async_save).lower()}")
+    return dataclasses.replace(
+        config, checkpoint=dataclasses.replace(config.checkpoint, keep_last=ASYNC_STEPS)
+    )
+
+
+def _slow_background_write(step, seconds):
+    """The writer of ``step``'s shards sleeps ``seconds`` first (patched before the writer forks)."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    write = FileSystemWriterAsync.write_preloaded_data_multiproc
+
+    def slow(transform_list, use_msc, rank, write_buckets, results_queue):
+        if f"step-{step:07d}-" in write_buckets[0][0]:
+            time.sleep(seconds)
+        write(transform_list, use_msc, rank, write_buckets, results_queue)
+
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(slow)
+
+
+def _on_rank1_at_step(rank, step, action):
+    """Run ``action`` on rank 1 as training step ``step`` starts."""
+    from megatron_tropd import trainer
+
+    original = trainer.train_one_step
+
+    def train_one_step(job, index):
+        if index == step and rank == 1:
+            action()
+        return original(job, index)
+
+    trainer.train_one_step = train_one_step
+
+
+def records_worker(rank, world_size, config):
+    from megatron_tropd.trainer import run
+
+    return [(record["step"], record["loss"]) for record in run(config)]
+
+
+def killed_during_save_worker(rank, world_size, config, step):
+    """Rank 1 is killed (SIGKILL) as step ``step`` starts, while its save of step ``step`` is written."""
+    from megatron_tropd.trainer import run
+
+    _slow_background_write(step, 2)
+    _on_rank1_at_step(rank, step, lambda: os.kill(os.getpid(), signal.SIGKILL))
+    run(config)
+
+
+def _forked_writers():
+    """This process's children forked from it (the background writer; not the spawned helpers)."""
+    mine = Path("/proc/self/cmdline").read_bytes()
+    return [pid for pid in _children(os.getpid()) if Path(f"/proc/{pid}/cmdline").read_bytes() == mine]
+
+
+def signalled_during_save_worker(rank, world_size, config, step):
+    """As step ``step`` starts, rank 1's writer of step ``step`` gets SIGINT and SIGTERM, and the rank a
+    SIGTERM: the run stops after that step."""
+    from megatron_tropd.trainer import run
+
+    signalled = []
+
+    def signal_writer_and_rank():
+        signalled.extend(_forked_writers())
+        for pid in signalled:
+            os.kill(pid, signal.SIGINT)
+            os.kill(pid, signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    _slow_background_write(step, 2)
+    _on_rank1_at_step(rank, step, signal_writer_and_rank)
+    records = run(config)
+    return {"records": [(record["step"], record["loss"]) for record in records], "signalled": len(signalled)}
+
+
+def _same_checkpoint(first, second):
+    """The same files and bytes, but for the writer's own id in ``.metadata`` (its directory and a random
+    save id) and that file's hash in our manifest."""
+    import pickle
+
+    names = sorted(str(path.relative_to(first)) for path in first.rglob("*") if path.is_file())
+    assert names == sorted(str(path.relative_to(second)) for path in second.rglob("*") if path.is_file())
+    for name in set(names) - {".metadata", "tropd_checkpoint.json"}:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    written = [pickle.loads((path / ".metadata").read_bytes()) for path in (first, second)]
+    assert written[0].state_dict_metadata == written[1].state_dict_metadata
+    assert written[0].storage_data == written[1].storage_data
+    ours = [json.loads((path / "tropd_checkpoint.json").read_text()) for path in (first, second)]
+    for metadata in ours:
+        del metadata["integrity"]["files"][".metadata"]
+    assert ours[0] == ours[1]
+
+
+@pytest.fixture(scope="module")
+def async_runs(tmp_path_factory):
+    """A synchronous run; the same run saving in the background, rank 1 killed mid-write; its rerun,
+    signalled mid-write (stops after the step, saving)."""
+    base = tmp_path_factory.mktemp("async")
+    sync = dict(run_on_ranks(records_worker, 2, _async_config(base / "sync", False))[0])
+    config = _async_config(base / "async", True)
+    with pytest.raises(Exception):  # noqa: B017 - whatever the launcher reports for a killed rank
+        run_on_ranks(killed_during_save_worker, 2, config, ASYNC_CRASH_STEP)
+    checkpoints = base / "async" / "checkpoints"
+    after_crash = {
+        "latest": (checkpoints / "latest").read_text().strip(),
+        "listing": sorted(os.listdir(checkpoints)),
+    }
+    rerun = run_on_ranks(signalled_during_save_worker, 2, config, ASYNC_CRASH_STEP)
+    return {"base": base, "sync": sync, "after_crash": after_crash, "rerun": rerun}
+
+
+def test_background_saves_and_their_resume_match_synchronous_saves(async_runs):
+    base, sync = async_runs["base"], async_runs["sync"]
+    assert sorted(sync) == list(range(ASYNC_STEPS)) and len(set(sync.values())) == ASYNC_STEPS
+    logged = {row["step"]: row["loss"] for row in _strict((base / "async" / "metrics.jsonl").read_text())}
+    assert logged == {step: sync[step] for step in range(ASYNC_CRASH_STEP + 1)}  # before and after the crash
+    assert async_runs["rerun"][0]["records"] == [(1, sync[1]), (2, sync[2])]
+    for step in (1, 2, 3):  # 1 and 2 written in the background, 3 on the stop signal
+        name = f"step-{step:07d}"
+        _same_checkpoint(base / "sync" / "checkpoints" / name, base / "async" / "checkpoints" / name)
+
+
+def test_a_rank_killed_during_a_background_save_leaves_latest_at_the_previous_step(async_runs):
+    after_crash = async_runs["after_crash"]
+    assert after_crash["latest"] == "step-0000001"
+    assert "step-0000002" not in after_crash["listing"]
+    assert any(name.startswith("tmp-step-0000002-") for name in after_crash["listing"])
+    assert async_runs["rerun"][0]["records"][0][0] == 1  # resumed from step 1
+    checkpoints = async_runs["base"] / "async" / "checkpoints"
+    assert not any(name.startswith("tmp-") for name in os.listdir(checkpoints))  # removed by the next save
+
+
+def test_stop_signals_during_a_background_save_let_it_finish(async_runs):
+    """The writer ignores SIGINT and SIGTERM; the stop publishes the pending save, then saves the stop."""
+    assert async_runs["rerun"][1]["signalled"] >= 1
+    checkpoints = async_runs["base"] / "async" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-0000003"
+    assert sorted(path.name for path in checkpoints.glob("step-*")) == [f"step-000000{n}" for n in (1, 2, 3)]
+
+
+def test_async_save_is_validated(monkeypatch):
+    from megatron_tropd.config import CheckpointConfig
+
+    with pytest.raises(ValueError, match="checkpoint.async_save must be true or false; got 'yes'"):
+        CheckpointConfig(async_save="yes").validate()
+    monkeypatch.setattr("multiprocessing.get_all_start_methods", lambda: ["spawn"])
+    with pytest.raises(ValueError, match="checkpoint.async_save=true needs the 'fork' start method"):
+        CheckpointConfig(async_save=True).validate()
+    CheckpointConfig(async_save=False).validate()
+
+
 # --- A killed launcher takes its workers down --------------------------------------------------------------
 
 

@@ -19,8 +19,10 @@ Each step directory is a Megatron dist-checkpoint (``torch_dist`` backend: ``met
 Atomicity: every rank writes into ``tmp-step-XXXXXXX-<nonce>`` (the nonce is drawn on rank 0 and
 broadcast), then rank 0 renames it to ``step-XXXXXXX`` and only then replaces ``latest`` (temp file +
 ``os.replace``), then prunes old steps. A crash at any point leaves ``latest`` naming a complete
-directory; the next save deletes leftover ``tmp-*`` entries. One job per root: saves are not safe against
-a second job writing into the same root.
+directory; the next save deletes leftover ``tmp-*`` entries. A save written in the background
+(``async_save=True``) stays a ``tmp-*`` directory until it is finalized (``finalize_pending_save``, or
+the next save or load), which records and publishes it the same way. One job per root: saves are not safe
+against a second job writing into the same root.
 
 Resharding: weights always reshard over TP/PP/DP (dist-checkpointing; the vocabulary padding, which grows
 with TP, is absorbed by Megatron's ``allow_shape_mismatch`` on the embedding and LM head). The
@@ -34,6 +36,7 @@ starts worker processes with the ``spawn`` method, so a script that saves must k
 Modules, each with one concern:
 
 - ``errors``      ``CheckpointError``
+- ``background``  saves written by a helper process while training goes on, published once complete
 - ``atomic``      durable writes and the atomic publish of a directory (also used by HF conversion)
 - ``collective``  rank-0 decisions shared with every rank
 - ``layout``      names on disk, the ``latest`` marker, publishing a step, pruning, damaged steps
@@ -47,6 +50,7 @@ Modules, each with one concern:
 
 from __future__ import annotations
 
+from megatron_tropd.checkpoint.background import abandon_pending_save, finalize_pending_save
 from megatron_tropd.checkpoint.errors import CheckpointError
 from megatron_tropd.checkpoint.layout import CHECKPOINT_METADATA, LATEST, latest_checkpoint, step_dir_name
 from megatron_tropd.checkpoint.load import load_checkpoint, load_model_weights, read_weights_config
@@ -59,6 +63,8 @@ __all__ = [
     "OPTIMIZER_FORMATS",
     "ON_DAMAGED",
     "CheckpointError",
+    "abandon_pending_save",
+    "finalize_pending_save",
     "latest_checkpoint",
     "load_checkpoint",
     "load_model_weights",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_tropd.checkpoint.background import finalize_pending_save
 from megatron_tropd.checkpoint.collective import is_rank0, on_rank0
 from megatron_tropd.checkpoint.errors import CheckpointError
 from megatron_tropd.checkpoint.layout import (
@@ -151,7 +152,9 @@ def load_checkpoint(root: str | os.PathLike, student: Any, on_damaged: str = "fa
     Every file is checked against the manifest recorded at save (size, then hash) before anything is read:
     a damaged checkpoint raises ``CheckpointError`` naming the files and the step, or, with
     ``on_damaged="previous"``, the newest intact earlier step is resumed instead (``ON_DAMAGED``).
+    A pending background save is finalized (published) first.
     """
+    finalize_pending_save()
     found = _find_intact(Path(root), on_damaged)
     if found is None:
         return None
@@ -252,7 +255,9 @@ def load_model_weights(
     Collective. ``path``: a ``save_model_weights`` directory, a ``save_checkpoint`` step directory, or a
     run root (its ``latest``). With ``model_config`` a checkpoint of another shape is refused naming the
     differing fields; without it, by the tensors' names and shapes. Either check runs before any load.
+    A pending background save is finalized (published) first.
     """
+    finalize_pending_save()
     directory, metadata = on_rank0(_find_weights, Path(path))
     problems = damage(directory, metadata)
     if problems:

@@ -2,7 +2,8 @@
 
 Every rank writes into ``tmp-<name>-<nonce>`` (the nonce is drawn on rank 0 and broadcast); our metadata
 file, with the manifest of every other file, is written last; then rank 0 publishes the directory
-(``layout``). Both functions are collective over the default process group.
+(``layout``). Both functions are collective over the default process group. A save of the student may
+instead be written in the background and published later (``background``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_tropd.checkpoint.background import finalize_pending_save, start_background_save
 from megatron_tropd.checkpoint.collective import on_rank0
 from megatron_tropd.checkpoint.errors import CheckpointError
 from megatron_tropd.checkpoint.layout import (
@@ -47,6 +49,21 @@ def _versions() -> dict[str, str]:
     return {"megatron_core": megatron_version, "torch": torch.__version__}
 
 
+def _new_tmp_dir(final_dir: Path, leftover_prefix: str, may_replace: bool) -> tuple[Path, str]:
+    """Collective: a fresh temporary sibling of ``final_dir`` (its nonce drawn on rank 0) and the nonce."""
+    nonce = on_rank0(secrets.token_hex, 4)  # one name on every rank
+    tmp_dir = final_dir.parent / f"{TMP_PREFIX}{final_dir.name}-{nonce}"
+    on_rank0(prepare_save, tmp_dir, final_dir, leftover_prefix, may_replace)
+    return tmp_dir, nonce
+
+
+def _complete_tmp_dir(tmp_dir: Path, metadata: dict) -> None:
+    """Collective, once every rank's part is written: the manifest, in our metadata file, written last."""
+    dist.barrier()  # every shard and side file is on disk
+    metadata = {**metadata, "integrity": record_files(tmp_dir)}
+    on_rank0(write_metadata, tmp_dir, metadata)
+
+
 def _write_in_tmp_dir(
     final_dir: Path, leftover_prefix: str, may_replace: bool, write: Callable[[Path], None], metadata: dict
 ) -> tuple[Path, str]:
@@ -55,13 +72,9 @@ def _write_in_tmp_dir(
     Returns the temporary directory, complete (our metadata file is written last, after a barrier), and
     the nonce in its name.
     """
-    nonce = on_rank0(secrets.token_hex, 4)  # one name on every rank
-    tmp_dir = final_dir.parent / f"{TMP_PREFIX}{final_dir.name}-{nonce}"
-    on_rank0(prepare_save, tmp_dir, final_dir, leftover_prefix, may_replace)
+    tmp_dir, nonce = _new_tmp_dir(final_dir, leftover_prefix, may_replace)
     write(tmp_dir)
-    dist.barrier()  # every shard and side file is on disk
-    metadata = {**metadata, "integrity": record_files(tmp_dir)}
-    on_rank0(write_metadata, tmp_dir, metadata)
+    _complete_tmp_dir(tmp_dir, metadata)
     return tmp_dir, nonce
 
 
@@ -151,6 +164,29 @@ def _student_finite_everywhere(student: Any) -> bool:
     return bool(flag.item() > 0)
 
 
+def _save_in_background(
+    final_dir: Path, step: int, student: Any, metadata: dict, keep_last: int, optimizer_format: str
+) -> None:
+    """Collective: stage the state and start writing it into a temporary directory; the write is
+    published by ``finalize_pending_save`` (``background``)."""
+    from megatron.core import dist_checkpointing
+
+    metadata = json.loads(json.dumps(metadata))  # the loop state and schedule as of now
+    tmp_dir, nonce = _new_tmp_dir(final_dir, TMP_PREFIX, True)
+    state = student_state_dict(student, optimizer_format, is_loading=False)
+    request = dist_checkpointing.save(
+        state, str(tmp_dir), sharded_strategy=signal_safe_save_strategy(), async_sharded_save=True
+    )
+    save_rng_state(tmp_dir)
+
+    def finish() -> None:
+        _complete_tmp_dir(tmp_dir, metadata)
+        on_rank0(publish_step, tmp_dir, final_dir, nonce, keep_last, step)
+        logger.info("saved checkpoint %s (written in the background)", final_dir)
+
+    start_background_save(request, final_dir, finish)
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
@@ -159,6 +195,7 @@ def save_checkpoint(
     keep_last: int = 3,
     *,
     optimizer_format: str = "dp_reshardable",
+    async_save: bool = False,
 ) -> Path | None:
     """Save the student's full training state as ``root/step-XXXXXXX`` and point ``root/latest`` at it.
 
@@ -168,7 +205,12 @@ def save_checkpoint(
     ``fully_reshardable`` (resume on any layout; gathers the optimizer state over DP while saving).
     Keeps the ``keep_last`` newest step directories. Returns the new step directory, or None when a
     parameter or optimizer-state tensor is non-finite on any rank: nothing is written or pruned then.
+
+    A pending background save is finalized first. ``async_save``: return once the state is copied off
+    the training buffers; the files are written in the background and the step is published (``latest``
+    included) by the next save or load, or by ``finalize_pending_save`` (``background``).
     """
+    finalize_pending_save()
     _check_save_arguments(step, keep_last, optimizer_format, loop_state)
     if not _student_finite_everywhere(student):
         logger.error(
@@ -178,6 +220,9 @@ def save_checkpoint(
         return None
     final_dir = Path(root) / step_dir_name(step)
     metadata = _train_metadata(step, student, loop_state, optimizer_format)
+    if async_save:
+        _save_in_background(final_dir, step, student, metadata, keep_last, optimizer_format)
+        return final_dir
 
     def write(directory: Path) -> None:
         from megatron.core import dist_checkpointing
@@ -196,8 +241,10 @@ def save_model_weights(path: str | os.PathLike, model: torch.nn.Module, model_co
     """Save only a model's weights (any layout) as the dist-checkpoint directory ``path``.
 
     Collective. For teachers and HF conversion: ``load_model_weights`` reads it into any TP/PP layout.
-    ``path`` must not exist yet; it appears complete or not at all.
+    ``path`` must not exist yet; it appears complete or not at all. A pending background save of the
+    student is finalized first.
     """
+    finalize_pending_save()
     final_dir = Path(path)
     module = unwrap(model)
     metadata = {
