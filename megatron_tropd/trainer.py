@@ -189,19 +189,35 @@ def _evaluation_due(job: Job, done: int) -> bool:
     return done % job.config.eval.interval == 0 or done == job.config.train_steps
 
 
-def _resume(checkpoint: CheckpointConfig, root: Path, student) -> dict:
+@dataclass(frozen=True)
+class LoopState:
+    """Where the loop stands: the next step and the prompt sampler's position (saved with each checkpoint
+    as its ``loop_state``, a JSON object)."""
+
+    step: int = 0
+    data_position: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"step": self.step, "data_position": self.data_position}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> LoopState:
+        return cls(step=int(saved["step"]), data_position=int(saved["data_position"]))
+
+
+def _resume(checkpoint: CheckpointConfig, root: Path, student) -> LoopState:
     """The loop state to start from: the checkpoint's (``checkpoint.resume`` auto, required) or fresh."""
     from megatron_tropd.checkpoint import CheckpointError, load_checkpoint
 
-    loop_state = None
+    saved = None
     if checkpoint.resume != "never":
-        loop_state = load_checkpoint(root, student, on_damaged=checkpoint.on_damaged)
-    if loop_state is None and checkpoint.resume == "required":  # pre-flight checks this; a race may not
+        saved = load_checkpoint(root, student, on_damaged=checkpoint.on_damaged)
+    if saved is None and checkpoint.resume == "required":  # pre-flight checks this; a race may not
         raise CheckpointError(f"checkpoint.resume=required but {root} holds no checkpoint to resume from")
-    return loop_state or {"step": 0, "data_position": 0}
+    return LoopState.from_dict(saved) if saved is not None else LoopState()
 
 
-def setup(config: RunConfig) -> tuple[Job, dict]:
+def setup(config: RunConfig) -> tuple[Job, LoopState]:
     """Start the process group, build both models and the data, and resume when a checkpoint exists."""
     from megatron_tropd.platform import enable_cpu_mode, init_distributed, set_seed
 
@@ -214,7 +230,7 @@ def setup(config: RunConfig) -> tuple[Job, dict]:
     prompts = load_run_prompts(config, tokenizer)  # the same prompts feed rollouts and teacher scoring
     run_dir = Path(config.checkpoint.save_dir)
     loop_state = _resume(config.checkpoint, run_dir / "checkpoints", student)
-    sampler = PromptSampler(prompts, config.data.shuffle_seed, loop_state["data_position"])
+    sampler = PromptSampler(prompts, config.data.shuffle_seed, loop_state.data_position)
     student_engine, teacher_engine = _engines(config, topology, student, teacher)
     eos = tokenizer.eos_token_id if tokenizer is not None else None
     job = Job(config, topology, student, teacher, student_engine, teacher_engine, sampler, eos, run_dir)
@@ -345,7 +361,7 @@ def _save(job: Job, step: int, in_background: bool = False) -> None:
     state is staged, the files being written while training goes on (``checkpoint.async_save``)."""
     from megatron_tropd.checkpoint import save_checkpoint
 
-    loop_state = {"step": step, "data_position": job.sampler.position}
+    loop_state = LoopState(step, job.sampler.position).to_dict()
     checkpoint = job.config.checkpoint
     save_checkpoint(
         job.run_dir / "checkpoints", step, job.student, loop_state, checkpoint.keep_last,
@@ -377,15 +393,15 @@ def run(config: RunConfig) -> list[dict]:
     lock = run_lock.take(config.checkpoint.save_dir)  # rank 0: refuse a second live job on this root
     job, loop_state = setup(config)
     reporting = job.topology.student.is_reporting_rank
-    log = MetricsLog.for_run(config, job.run_dir, active=reporting, start_step=loop_state["step"])
+    log = MetricsLog.for_run(config, job.run_dir, active=reporting, start_step=loop_state.step)
     records = []
     if log.active:
         (job.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
         write_yaml(config, job.run_dir / "config.yaml")  # `--config <run dir>/config.yaml` reruns it
     try:
-        if job.evaluation is not None and loop_state["step"] == 0:
+        if job.evaluation is not None and loop_state.step == 0:
             log.write_eval(0, evaluate_student(job, 0))  # the starting point of the accuracy curve
-        for step in range(loop_state["step"], config.train_steps):
+        for step in range(loop_state.step, config.train_steps):
             record = train_one_step(job, step)
             log.write(record)
             if log.active:
