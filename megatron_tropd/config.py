@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import math
 import multiprocessing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 # Loss methods selectable by ``MethodConfig.name`` (``METHOD_NAMES``) and what each needs: the torch-free
@@ -454,27 +454,22 @@ class CheckpointConfig:
 
 
 @dataclass
-class EvalConfig:
-    """In-training evaluation."""
-
-    interval: int = 0
-    """Evaluate every this many steps, before the first and after the last (0 = never)."""
-
-    benchmarks: str = ""
-    """Directory with ``benchmarks.json`` (``tools/prepare_benchmarks.py`` writes one); needed when
-    ``interval > 0``."""
+class EvalSettings:
+    """How a model is evaluated: which benchmarks and how its answers are sampled. One set of defaults for
+    the loop's evaluation (``eval.*``), ``tropd eval`` (its flags and ``key=value`` overrides) and
+    ``eval.harness.evaluate_checkpoint``; the defaults are the paper's protocol (avg@4 at 0.6)."""
 
     names: tuple[str, ...] = ()
-    """Benchmarks of that directory to run (empty = all)."""
+    """Benchmarks of the benchmarks directory to run (empty = all)."""
 
     samples_per_prompt: int = 4
     """k of avg@k."""
 
     temperature: float = 0.6
-    """Sampling temperature for evaluation."""
+    """Sampling temperature (0 = greedy)."""
 
     max_new_tokens: int = 8096
-    """Generation budget per evaluation sample."""
+    """Generation budget per sample."""
 
     max_prompts: int = 0
     """Evaluate on at most this many prompts of each benchmark (0 = all)."""
@@ -483,17 +478,38 @@ class EvalConfig:
     """Send each item's prompt as written, without the family's answer-format instruction (for tasks
     whose prompts already say how to answer, such as the demo's)."""
 
-    def validate(self) -> None:
-        _check_int("eval.interval", self.interval, 0, "0 disables evaluation")
-        _check_int("eval.samples_per_prompt", self.samples_per_prompt, 1, "k of avg@k")
-        _check_range("eval.temperature", self.temperature, 0.0, math.inf, "[)", "0 = greedy")
-        _check_int("eval.max_new_tokens", self.max_new_tokens, 1, "generation budget")
-        _check_int("eval.max_prompts", self.max_prompts, 0, "0 = all")
+    def validate(self, prefix: str = "eval.") -> None:
+        """``prefix``: how the keys are spelled where they were set (``eval.`` in a run's config)."""
+        _check_int(f"{prefix}samples_per_prompt", self.samples_per_prompt, 1, "k of avg@k")
+        _check_range(f"{prefix}temperature", self.temperature, 0.0, math.inf, "[)", "0 = greedy")
+        _check_int(f"{prefix}max_new_tokens", self.max_new_tokens, 1, "generation budget")
+        _check_int(f"{prefix}max_prompts", self.max_prompts, 0, "0 = all")
+
+
+@dataclass
+class EvalConfig(EvalSettings):
+    """In-training evaluation: the shared ``EvalSettings`` plus when, and on which benchmark files."""
+
+    interval: int = 0
+    """Evaluate every this many steps, before the first and after the last (0 = never)."""
+
+    benchmarks: str = ""
+    """Directory with ``benchmarks.json`` (``tools/prepare_benchmarks.py`` writes one); needed when
+    ``interval > 0``."""
+
+    def validate(self, prefix: str = "eval.") -> None:
+        _check_int(f"{prefix}interval", self.interval, 0, "0 disables evaluation")
+        super().validate(prefix)
         if self.interval and not self.benchmarks:
             raise ValueError(
                 f"eval.interval={self.interval} but eval.benchmarks is empty: point it at a directory "
                 "with benchmarks.json (tools/prepare_benchmarks.py) or set eval.interval=0"
             )
+
+    @property
+    def settings(self) -> EvalSettings:
+        """The ``EvalSettings`` part (what ``tropd eval`` would be given for the same evaluation)."""
+        return EvalSettings(**{f.name: getattr(self, f.name) for f in fields(EvalSettings)})
 
 
 @dataclass

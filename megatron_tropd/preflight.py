@@ -46,9 +46,9 @@ def _check_eval_benchmarks(config: RunConfig, tokenizer) -> None:
         raise ValueError("eval.interval > 0 needs data.tokenizer: the benchmarks are text")
     try:
         load_checked_benchmarks(
-            e.benchmarks, e.names, e.max_prompts, tokenizer, chat_template=config.data.chat_template,
-            chat_template_kwargs=config.data.chat_template_kwargs, raw_prompts=e.raw_prompts,
-            max_new_tokens=e.max_new_tokens, context_length=config.student.max_position_embeddings,
+            e.benchmarks, e.settings, tokenizer, chat_template=config.data.chat_template,
+            chat_template_kwargs=config.data.chat_template_kwargs,
+            context_length=config.student.max_position_embeddings,
         )  # fmt: skip
     except OSError as error:  # a benchmark file that is missing or unreadable
         raise ValueError(f"eval.benchmarks={e.benchmarks!r}: {error}") from None

@@ -155,9 +155,9 @@ def _in_training_eval(config: RunConfig, topology, student, tokenizer: Tokenizer
     if tokenizer is None:
         raise ValueError("eval.interval > 0 needs data.tokenizer: benchmarks are text")
     benchmarks = load_checked_benchmarks(
-        e.benchmarks, e.names, e.max_prompts, tokenizer, chat_template=config.data.chat_template,
-        chat_template_kwargs=config.data.chat_template_kwargs, raw_prompts=e.raw_prompts,
-        max_new_tokens=e.max_new_tokens, context_length=config.student.max_position_embeddings,
+        e.benchmarks, e.settings, tokenizer, chat_template=config.data.chat_template,
+        chat_template_kwargs=config.data.chat_template_kwargs,
+        context_length=config.student.max_position_embeddings,
     )  # fmt: skip
     generate = build_generate(
         student.module, topology.student, tokenizer, config.student, max_new_tokens=e.max_new_tokens,

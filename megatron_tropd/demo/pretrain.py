@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from megatron_tropd.batch import RolloutBatch
-from megatron_tropd.config import OptimConfig
+from megatron_tropd.config import EvalSettings, OptimConfig
 from megatron_tropd.console import configure_console
 from megatron_tropd.data import Tokenizer
 from megatron_tropd.demo.task import make_problem, noisy_response, teacher_response
@@ -102,7 +102,9 @@ def _train_one(spec: PretrainSpec, groups, tokenizer: Tokenizer, out: Path, rank
     return student.module, log
 
 
-def _accuracy(module, groups, spec: PretrainSpec, tokenizer: Tokenizer, evaluation: EvalSettings) -> float:
+def _accuracy(
+    module, groups, spec: PretrainSpec, tokenizer: Tokenizer, evaluation: HeldOutEvaluation
+) -> float:
     """avg@k of a freshly trained model on the held-out benchmark (the same protocol as the loop's)."""
     from megatron_tropd.eval.harness import build_generate
     from megatron_tropd.eval.schema import load_benchmarks
@@ -110,28 +112,34 @@ def _accuracy(module, groups, spec: PretrainSpec, tokenizer: Tokenizer, evaluati
 
     benchmarks = load_benchmarks(evaluation.benchmarks)
     generate = build_generate(
-        module, groups, tokenizer, spec.model, max_new_tokens=evaluation.max_new_tokens, chat_template="none",
-        max_batch_size=evaluation.max_batch_size, seed=evaluation.seed,
+        module, groups, tokenizer, spec.model, max_new_tokens=evaluation.settings.max_new_tokens,
+        chat_template="none", max_batch_size=evaluation.max_batch_size, seed=evaluation.seed,
     )  # fmt: skip
-    report = evaluate(benchmarks, generate, evaluation.k, evaluation.temperature, raw_prompts=True)
+    settings = evaluation.settings
+    report = evaluate(
+        benchmarks,
+        generate,
+        settings.samples_per_prompt,
+        settings.temperature,
+        raw_prompts=settings.raw_prompts,
+    )
     return report.average
 
 
 @dataclass(frozen=True)
-class EvalSettings:
-    """How the demo measures held-out accuracy (shared with the distillation runs' ``eval`` section)."""
+class HeldOutEvaluation:
+    """How the demo measures held-out accuracy: the runs' ``EvalSettings`` on its benchmark file, with the
+    loop's generation batch and seed (so a model's score here equals the runs' step-0 evaluation)."""
 
     benchmarks: str
-    k: int
-    temperature: float
-    max_new_tokens: int
+    settings: EvalSettings
     max_batch_size: int
     seed: int
 
 
 def pretrain(
     rank: int, world_size: int, specs: list[PretrainSpec], tokenizer_path: str, outs: list[str],
-    evaluation: EvalSettings,
+    evaluation: HeldOutEvaluation,
 ) -> list[dict]:  # fmt: skip
     """Train each spec on every rank (data parallel), save its weights, and measure its held-out
     accuracy; returns ``{"name", "log", "accuracy"}`` per spec (the logs on rank 0)."""
@@ -150,6 +158,6 @@ def pretrain(
         model_parallel_cuda_manual_seed(spec.seed)
         module, log = _train_one(spec, groups, tokenizer, Path(out), rank)
         accuracy = _accuracy(module, groups, spec, tokenizer, evaluation)
-        logger.info("%s: held-out avg@%d %.3f", spec.name, evaluation.k, accuracy)
+        logger.info("%s: held-out avg@%d %.3f", spec.name, evaluation.settings.samples_per_prompt, accuracy)
         results.append({"name": spec.name, "log": log, "accuracy": accuracy})
     return results

@@ -24,6 +24,7 @@ from megatron_tropd.config import (
     CheckpointConfig,
     DataConfig,
     EvalConfig,
+    EvalSettings,
     LoggingConfig,
     MethodConfig,
     OptimConfig,
@@ -31,7 +32,7 @@ from megatron_tropd.config import (
     RunConfig,
 )
 from megatron_tropd.demo.prepare import VOCAB_SIZE, train_tokenizer, write_heldout, write_prompts
-from megatron_tropd.demo.pretrain import EvalSettings, PretrainSpec
+from megatron_tropd.demo.pretrain import HeldOutEvaluation, PretrainSpec
 from megatron_tropd.demo.task import problems
 from megatron_tropd.model_config import ModelConfig, tiny
 
@@ -108,11 +109,14 @@ def _rows_per_rank(size: DemoSize) -> int:
     return size.prompts_per_step * size.samples_per_prompt // WORLD_SIZE
 
 
-def eval_settings(files: DemoFiles, size: DemoSize, seed: int) -> EvalSettings:
-    return EvalSettings(
-        benchmarks=str(files.heldout), k=size.k, temperature=EVAL_TEMPERATURE, max_new_tokens=RESPONSE_TOKENS,
-        max_batch_size=_rows_per_rank(size), seed=seed,
-    )  # fmt: skip
+def eval_settings(files: DemoFiles, size: DemoSize, seed: int) -> HeldOutEvaluation:
+    settings = EvalSettings(
+        samples_per_prompt=size.k,
+        temperature=EVAL_TEMPERATURE,
+        max_new_tokens=RESPONSE_TOKENS,
+        raw_prompts=True,
+    )
+    return HeldOutEvaluation(str(files.heldout), settings, max_batch_size=_rows_per_rank(size), seed=seed)
 
 
 def pretrain_specs(size: DemoSize, seed: int) -> list[PretrainSpec]:

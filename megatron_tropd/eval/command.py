@@ -2,6 +2,10 @@
 
     tropd eval --checkpoint CKPT --tokenizer TOK --benchmarks DIR --k 4 --temperature 0.6 \\
         --max-new-tokens 1024 [--tp 2] [--pp 1] [--names AIME24,MATH500] --out results/step200
+    tropd eval --checkpoint CKPT --tokenizer TOK --benchmarks DIR --out results/x samples_per_prompt=32
+
+The evaluation settings are ``EvalSettings`` (``megatron_tropd/config.py``), with the defaults that a
+run's in-training evaluation (``eval.*``) has: set them with the flags or as ``key=value``.
     tropd eval --compare results/base results/step200 --out results/compare
 
 Under torchrun / srun (``RANK`` and ``WORLD_SIZE`` set) it runs on the launcher's ranks; ``--cpu-ranks N``
@@ -14,6 +18,7 @@ rank starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -31,10 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="Megatron weights, a step directory or a run root")
     parser.add_argument("--tokenizer", help="sentencepiece .model or an HF tokenizer.json directory")
     parser.add_argument("--benchmarks", help="directory with benchmarks.json (tools/prepare_benchmarks.py)")
-    parser.add_argument("--names", default="", help="comma-separated benchmark names (default: all)")
-    parser.add_argument("--k", type=int, default=1, help="samples per prompt")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    # The evaluation settings: these flags, or key=value (EvalSettings fields), defaults EvalSettings()'s.
+    parser.add_argument("--names", default=None, help="comma-separated benchmark names (default: all)")
+    parser.add_argument("--k", type=int, default=None, help="samples per prompt (samples_per_prompt)")
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     parser.add_argument("--out", required=True, help="directory the report is written into")
@@ -44,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
         help='extra chat-template variables, e.g. \'{"enable_thinking": false}\' (data.chat_template_kwargs)',
     )  # fmt: skip
-    parser.add_argument("--raw-prompts", action="store_true", help="no answer-format instruction appended")
-    parser.add_argument("--max-prompts", type=int, default=0, help="first N items per benchmark (0 = all)")
+    parser.add_argument(
+        "--raw-prompts", action="store_true", default=None, help="no answer-format instruction appended"
+    )
+    parser.add_argument("--max-prompts", type=int, default=None, help="first N items per benchmark (0 = all)")
     parser.add_argument("--max-batch-size", type=int, default=64, help="rows decoded at once per replica")
     parser.add_argument("--seed", type=int, default=0, help="keys the sampling")
     parser.add_argument(
@@ -53,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cpu-ranks", type=int, default=0, help="spawn N local gloo ranks (no launcher)")
     parser.add_argument("--compare", nargs="+", metavar="DIR", help="results directories to put side by side")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="evaluation settings, as in a run's eval.*: samples_per_prompt=4 temperature=0.6 names=[AIME24]",
+    )  # fmt: skip
     return parser
 
 
@@ -72,19 +84,39 @@ def _json_object(text: str) -> dict:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+_FLAG_SETTINGS = {
+    "names": "names", "k": "samples_per_prompt", "temperature": "temperature",
+    "max_new_tokens": "max_new_tokens", "max_prompts": "max_prompts", "raw_prompts": "raw_prompts",
+}  # fmt: skip
+
+
+def eval_settings(args: argparse.Namespace):
+    """The ``EvalSettings`` of the command line: the shared defaults, then the flags given, then the
+    ``key=value`` overrides (``eval.`` prefix optional); ValueError naming the key on bad input."""
+    from megatron_tropd.config import EvalSettings
+    from megatron_tropd.overrides import apply_overrides
+
+    flags = {
+        field: getattr(args, flag)
+        for flag, field in _FLAG_SETTINGS.items()
+        if getattr(args, flag) is not None
+    }
+    if "names" in flags:
+        flags["names"] = tuple(name for name in flags["names"].split(",") if name)
+    overrides = [override.removeprefix("eval.") for override in args.overrides]
+    settings = apply_overrides(dataclasses.replace(EvalSettings(), **flags), overrides)
+    settings.validate(prefix="")
+    return settings
+
+
 def _evaluation_options(args: argparse.Namespace) -> dict:
-    """Keyword arguments of ``evaluate_checkpoint`` (picklable, for spawned ranks)."""
+    """Arguments of ``evaluate_checkpoint`` after the paths (picklable, for spawned ranks)."""
     return {
-        "names": [n for n in args.names.split(",") if n] or None,
-        "k": args.k,
-        "temperature": args.temperature,
-        "max_new_tokens": args.max_new_tokens,
+        "settings": eval_settings(args),
         "tensor_parallel": args.tp,
         "pipeline_parallel": args.pp,
         "chat_template": args.chat_template,
         "chat_template_kwargs": args.chat_template_kwargs,
-        "raw_prompts": args.raw_prompts,
-        "max_prompts": args.max_prompts,
         "run_name": args.run_name,
         "max_batch_size": args.max_batch_size,
         "seed": args.seed,
@@ -109,17 +141,12 @@ def _check_inputs(args: argparse.Namespace) -> None:
     missing = [flag for flag in ("checkpoint", "tokenizer", "benchmarks") if not getattr(args, flag)]
     if missing:
         raise ValueError(f"missing {', '.join('--' + m for m in missing)} (or use --compare DIR ...)")
-    if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
     if args.cpu_ranks < 0:
         raise ValueError(f"--cpu-ranks must be >= 0, got {args.cpu_ranks}")
-    options = _evaluation_options(args)
     prepare_evaluation(
-        args.checkpoint, args.tokenizer, args.benchmarks, names=options["names"],
-        max_new_tokens=args.max_new_tokens, chat_template=args.chat_template,
-        chat_template_kwargs=args.chat_template_kwargs, raw_prompts=args.raw_prompts,
-        max_prompts=args.max_prompts, world_size=_world_size(args), tensor_parallel=args.tp,
-        pipeline_parallel=args.pp,
+        args.checkpoint, args.tokenizer, args.benchmarks, eval_settings(args),
+        chat_template=args.chat_template, chat_template_kwargs=args.chat_template_kwargs,
+        world_size=_world_size(args), tensor_parallel=args.tp, pipeline_parallel=args.pp,
     )  # fmt: skip
 
 

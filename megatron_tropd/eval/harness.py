@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tropd.checkpoint import CheckpointError, read_weights_config
+from megatron_tropd.config import EvalSettings
 from megatron_tropd.data import Tokenizer, encode_prompt
 from megatron_tropd.eval.schema import Benchmark, load_benchmarks
 from megatron_tropd.eval.scoring import EvalReport, Generate, evaluate, render_prompt
@@ -98,22 +99,20 @@ def _read_benchmarks(benchmarks_dir: str | os.PathLike, names: Sequence[str] | N
 
 def load_checked_benchmarks(
     benchmarks_dir: str | os.PathLike,
-    names: Sequence[str] | None,
-    max_prompts: int,
+    settings: EvalSettings,
     tokenizer: Tokenizer,
     *,
     chat_template: str,
     chat_template_kwargs: Mapping[str, Any] | None = None,
-    raw_prompts: bool,
-    max_new_tokens: int,
     context_length: int,
 ) -> list[Benchmark]:
-    """The benchmarks of ``benchmarks_dir`` (``names`` or all), cut to ``max_prompts`` items each, with
-    every prompt checked to fit the context (``check_prompt_lengths``)."""
-    benchmarks = limit_prompts(_read_benchmarks(benchmarks_dir, names), max_prompts)
+    """The benchmarks of ``benchmarks_dir`` (``settings.names`` or all), cut to ``settings.max_prompts``
+    items each, with every prompt checked to fit the context (``check_prompt_lengths``)."""
+    benchmarks = limit_prompts(_read_benchmarks(benchmarks_dir, settings.names or None), settings.max_prompts)
     check_prompt_lengths(
         benchmarks, tokenizer, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
-        raw_prompts=raw_prompts, max_new_tokens=max_new_tokens, context_length=context_length,
+        raw_prompts=settings.raw_prompts, max_new_tokens=settings.max_new_tokens,
+        context_length=context_length,
     )  # fmt: skip
     return benchmarks
 
@@ -132,19 +131,18 @@ def prepare_evaluation(
     checkpoint: str | os.PathLike,
     tokenizer_path: str | os.PathLike,
     benchmarks_dir: str | os.PathLike,
+    settings: EvalSettings | None = None,
     *,
-    names: Sequence[str] | None = None,
-    max_new_tokens: int,
     chat_template: str = "auto",
     chat_template_kwargs: Mapping[str, Any] | None = None,
-    raw_prompts: bool = False,
-    max_prompts: int = 0,
     model_config: ModelConfig | None = None,
     world_size: int | None = None,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
 ) -> PreparedEvaluation:
-    """Check and load everything but the model (local, not collective); ValueError on bad input."""
+    """Check and load everything but the model (local, not collective); ValueError on bad input.
+    ``settings`` None: ``EvalSettings()``, the shared defaults."""
+    settings = settings or EvalSettings()
     directory, saved_config = read_weights_config(checkpoint)
     model_config = model_config or saved_config
     model_config.validate_parallel(tensor_parallel, pipeline_parallel)
@@ -152,9 +150,8 @@ def prepare_evaluation(
         ParallelLayout(tensor_parallel, pipeline_parallel).data_parallel(world_size, "evaluated model")
     tokenizer = Tokenizer(str(tokenizer_path))
     benchmarks = load_checked_benchmarks(
-        benchmarks_dir, names, max_prompts, tokenizer, chat_template=chat_template,
-        chat_template_kwargs=chat_template_kwargs, raw_prompts=raw_prompts, max_new_tokens=max_new_tokens,
-        context_length=model_config.max_position_embeddings,
+        benchmarks_dir, settings, tokenizer, chat_template=chat_template,
+        chat_template_kwargs=chat_template_kwargs, context_length=model_config.max_position_embeddings,
     )  # fmt: skip
     return PreparedEvaluation(directory, model_config, tokenizer, benchmarks)
 
@@ -262,24 +259,20 @@ def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     tokenizer_path: str | os.PathLike,
     benchmarks_dir: str | os.PathLike,
+    settings: EvalSettings | None = None,
     *,
-    names: Sequence[str] | None = None,
-    k: int,
-    temperature: float,
-    max_new_tokens: int,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     chat_template: str = "auto",
     chat_template_kwargs: Mapping[str, Any] | None = None,
-    raw_prompts: bool = False,
-    max_prompts: int = 0,
     run_name: str | None = None,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     seed: int = 0,
     model_config: ModelConfig | None = None,
     decoder: str = "auto",
 ) -> EvalReport:
-    """Generate ``k`` responses per benchmark prompt with the checkpoint's model and score them.
+    """Generate ``settings.samples_per_prompt`` responses per benchmark prompt with the checkpoint's model
+    and score them (``settings`` None: the shared defaults, ``EvalSettings()``).
 
     Collective over every rank of the initialised process group; every rank returns the same report.
     The model config comes from the checkpoint's metadata unless given. Bad input (checkpoint, tokenizer,
@@ -287,21 +280,24 @@ def evaluate_checkpoint(
     any generation, on every rank alike.
     """
     _require_distributed()
+    settings = settings or EvalSettings()
     prepared = _on_every_rank(
-        prepare_evaluation, checkpoint, tokenizer_path, benchmarks_dir, names=names,
-        max_new_tokens=max_new_tokens, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
-        raw_prompts=raw_prompts, max_prompts=max_prompts, model_config=model_config,
-        world_size=dist.get_world_size(),
-        tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+        prepare_evaluation, checkpoint, tokenizer_path, benchmarks_dir, settings,
+        chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, model_config=model_config,
+        world_size=dist.get_world_size(), tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel,
     )  # fmt: skip
     model, groups = load_model(
         prepared.directory, prepared.model_config, tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel, seed=seed,
     )  # fmt: skip
     generate = build_generate(
-        model, groups, prepared.tokenizer, prepared.model_config, max_new_tokens=max_new_tokens,
+        model, groups, prepared.tokenizer, prepared.model_config, max_new_tokens=settings.max_new_tokens,
         chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, max_batch_size=max_batch_size,
         seed=seed, decoder=decoder,
     )  # fmt: skip
     run = run_name or prepared.directory.name
-    return evaluate(prepared.benchmarks, generate, k, temperature, run=run, raw_prompts=raw_prompts)
+    return evaluate(
+        prepared.benchmarks, generate, settings.samples_per_prompt, settings.temperature, run=run,
+        raw_prompts=settings.raw_prompts,
+    )  # fmt: skip

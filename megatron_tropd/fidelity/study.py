@@ -20,6 +20,7 @@ from megatron_tropd.config import (
     CheckpointConfig,
     DataConfig,
     EvalConfig,
+    EvalSettings,
     LoggingConfig,
     MethodConfig,
     OptimConfig,
@@ -27,7 +28,7 @@ from megatron_tropd.config import (
     RunConfig,
 )
 from megatron_tropd.demo.prepare import write_heldout, write_prompts
-from megatron_tropd.demo.pretrain import EvalSettings, PretrainSpec
+from megatron_tropd.demo.pretrain import HeldOutEvaluation, PretrainSpec
 from megatron_tropd.fidelity import task
 from megatron_tropd.model_config import ModelConfig, tiny
 
@@ -138,11 +139,12 @@ def _rows_per_rank(size: StudySize) -> int:
     return size.prompts_per_step * size.samples_per_prompt // WORLD_SIZE
 
 
-def eval_settings(files: SeedFiles, size: StudySize, seed: int) -> EvalSettings:
-    return EvalSettings(
-        benchmarks=str(files.heldout), k=size.k, temperature=EVAL_TEMPERATURE,
-        max_new_tokens=size.response_tokens, max_batch_size=_rows_per_rank(size), seed=seed,
+def eval_settings(files: SeedFiles, size: StudySize, seed: int) -> HeldOutEvaluation:
+    settings = EvalSettings(
+        samples_per_prompt=size.k, temperature=EVAL_TEMPERATURE, max_new_tokens=size.response_tokens,
+        raw_prompts=True,
     )  # fmt: skip
+    return HeldOutEvaluation(str(files.heldout), settings, max_batch_size=_rows_per_rank(size), seed=seed)
 
 
 def pretrain_specs(size: StudySize, seed: int) -> list[PretrainSpec]:
