@@ -45,6 +45,7 @@ def _megatron_generates(args, prompts: torch.Tensor) -> dict:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_tropd.models import build_gpt_model
+    from megatron_tropd.placed import PlacedModel
     from megatron_tropd.platform import enable_cpu_mode
     from megatron_tropd.rollout import GenerationRequest, SamplingParams
     from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
@@ -62,8 +63,9 @@ def _megatron_generates(args, prompts: torch.Tensor) -> dict:
 
     def runner(decoder: str):
         engine = MegatronGenerationEngine(
-            model, groups, args.vocab, max_sequence_length=prompts.shape[1] + args.new_tokens,
-            max_batch_size=prompts.shape[0], decoder=decoder,
+            PlacedModel(model, groups, model_config(args)),
+            max_sequence_length=prompts.shape[1] + args.new_tokens, max_batch_size=prompts.shape[0],
+            decoder=decoder,
         )  # fmt: skip
 
         def run():

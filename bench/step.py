@@ -42,8 +42,8 @@ def synthetic_batch(num_sequences: int, seq_len: int, vocab_size: int, step: int
 def _build(args, tensor_parallel):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    from megatron_tropd.placed import place_model
     from megatron_tropd.platform import enable_cpu_mode
-    from megatron_tropd.teacher import build_teacher
     from megatron_tropd.topology import ParallelLayout, build_topology
     from megatron_tropd.training import build_student
 
@@ -54,7 +54,7 @@ def _build(args, tensor_parallel):
     student_config, teacher_config = getattr(shapes, args.student)(), getattr(shapes, args.teacher)()
     optim = OptimConfig(micro_batch_size=args.micro_batch_size)
     student = build_student(student_config, optim, topology.student, total_steps=args.steps + 1, seed=1)
-    teacher = build_teacher(teacher_config, topology.teacher, seed=2)
+    teacher = place_model(teacher_config, topology.teacher, seed=2)
     return topology, student, teacher, student_config
 
 
@@ -81,9 +81,7 @@ def bench_worker(rank, world_size, args, tensor_parallel):
         batch = synthetic_batch(args.sequences, args.seq_len, student_config.vocab_size, step)
         batch = batch.to(default_device())
         scored, score_seconds = _timed(
-            lambda b=batch, s=step: score_batch(
-                b, student.model, topology.student, teacher, topology.teacher, spec, s
-            )
+            lambda b=batch, s=step: score_batch(b, student.placed, teacher, spec, s)
         )
         context = batch_context(method, scored, step, args.steps + 1, topology.student)
         _, train_seconds = _timed(lambda s=scored, c=context: train_step(student, s, method, c))

@@ -9,14 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
-from megatron_tropd.topology import ModelGroups
+from megatron_tropd.placed import PlacedModel
 
 
 def run_microbatches(
-    model: torch.nn.Module,
-    groups: ModelGroups,
+    placed: PlacedModel,
     forward_step: Callable,
     microbatches: Sequence[Any],
     seq_length: int,
@@ -24,7 +21,7 @@ def run_microbatches(
     forward_only: bool,
     collect_non_loss_data: bool = False,
 ) -> list:
-    """Run ``forward_step`` over ``microbatches`` with the 1F1B schedule of ``groups``' pipeline.
+    """Run ``forward_step`` over ``microbatches`` with the 1F1B schedule of ``placed``'s pipeline.
 
     ``forward_step(data_iterator, model) -> (output, loss_func)`` is Megatron's contract. Returns the
     schedule's per-microbatch ``loss_func`` results on the last pipeline stage, ``[]`` elsewhere. Every
@@ -35,6 +32,7 @@ def run_microbatches(
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
     from megatron.core.utils import get_model_config
 
+    model, groups = placed.forward_module, placed.groups
     pipeline_size = groups.layout.pipeline_parallel
     schedule = get_forward_backward_func(pp_size=pipeline_size)
     kwargs = dict(

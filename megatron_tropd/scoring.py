@@ -26,7 +26,8 @@ from megatron_tropd.ops import (
     vocab_parallel_topk,
 )
 from megatron_tropd.pipeline import run_microbatches
-from megatron_tropd.topology import ModelGroups, data_parallel_rows
+from megatron_tropd.placed import PlacedModel
+from megatron_tropd.topology import ModelGroups
 from megatron_tropd.transfer import last_stage_holders, move_rows, plan_row_transfer
 
 SignalFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
@@ -46,11 +47,7 @@ def _forward_step(data_iterator, model, signal_fn: SignalFn):
 
 @torch.no_grad()
 def forward_signals(
-    model: torch.nn.Module,
-    groups: ModelGroups,
-    tokens: torch.Tensor,
-    micro_batch_size: int,
-    signal_fn: SignalFn,
+    placed: PlacedModel, tokens: torch.Tensor, micro_batch_size: int, signal_fn: SignalFn
 ) -> dict[str, torch.Tensor] | None:
     """Run ``tokens [n, S]`` forward-only and apply ``signal_fn(logits_shard, labels)`` per microbatch.
 
@@ -59,11 +56,11 @@ def forward_signals(
     labels = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
     microbatches = list(zip(tokens.split(micro_batch_size), labels.split(micro_batch_size), strict=True))
     outputs = run_microbatches(
-        model, groups, partial(_forward_step, signal_fn=signal_fn), microbatches,
+        placed, partial(_forward_step, signal_fn=signal_fn), microbatches,
         seq_length=tokens.shape[1], micro_batch_size=micro_batch_size, forward_only=True,
         collect_non_loss_data=True,
     )  # fmt: skip
-    if not groups.is_last_stage:
+    if not placed.is_last_stage:
         return None
     return {name: torch.cat([out[name] for out in outputs]) for name in outputs[0]}
 
@@ -137,13 +134,7 @@ def draw_batch_trust_mask(batch: RolloutBatch, seed: int, step: int) -> torch.Te
 
 
 def score_batch(
-    batch: RolloutBatch,
-    student_model: torch.nn.Module,
-    student_groups: ModelGroups,
-    teacher_model: torch.nn.Module,
-    teacher_groups: ModelGroups,
-    spec: ScoringSpec,
-    step: int,
+    batch: RolloutBatch, student: PlacedModel, teacher: PlacedModel, spec: ScoringSpec, step: int
 ) -> RolloutBatch:
     """Score the global rollout ``batch`` (the same on every rank); return this student rank's rows.
 
@@ -152,14 +143,11 @@ def score_batch(
     every signal (teacher log-prob, top-k, entropy, old student log-prob and entropy, trust mask); on
     other stages they carry tokens and masks only.
     """
-    teacher_out = teacher_signals(batch, teacher_model, teacher_groups, spec)
-    mine = batch.rows(data_parallel_rows(batch.num_sequences, student_groups.data_parallel,
-                                         student_groups.position.dp_rank))  # fmt: skip
-    student_out = forward_signals(
-        student_model, student_groups, mine.tokens, spec.micro_batch_size,
-        student_signal_fn(student_groups.tp_group, spec.vocab_size),
-    )  # fmt: skip
-    teacher_for_me = teacher_to_student_layout(teacher_out, batch, teacher_groups, student_groups, spec)
+    teacher_out = teacher_signals(batch, teacher, spec)
+    mine = batch.rows(student.rows(batch.num_sequences))
+    student_fn = student_signal_fn(student.tp_group, spec.vocab_size)
+    student_out = forward_signals(student, mine.tokens, spec.micro_batch_size, student_fn)
+    teacher_for_me = teacher_to_student_layout(teacher_out, batch, teacher.groups, student.groups, spec)
     if student_out is None:
         return mine
     mine = mine.with_signals(**teacher_for_me, **student_out)
@@ -167,12 +155,12 @@ def score_batch(
 
 
 def teacher_signals(
-    batch: RolloutBatch, model: torch.nn.Module, groups: ModelGroups, spec: ScoringSpec
+    batch: RolloutBatch, teacher: PlacedModel, spec: ScoringSpec
 ) -> dict[str, torch.Tensor] | None:
     """The teacher's signals for its data-parallel rows of ``batch`` (None off its last stage)."""
-    rows = data_parallel_rows(batch.num_sequences, groups.data_parallel, groups.position.dp_rank)
-    signal_fn = teacher_signal_fn(groups.tp_group, spec.vocab_size, spec.topk, spec.with_teacher_entropy)
-    return forward_signals(model, groups, batch.tokens[rows], spec.micro_batch_size, signal_fn)
+    signal_fn = teacher_signal_fn(teacher.tp_group, spec.vocab_size, spec.topk, spec.with_teacher_entropy)
+    tokens = batch.tokens[teacher.rows(batch.num_sequences)]
+    return forward_signals(teacher, tokens, spec.micro_batch_size, signal_fn)
 
 
 def teacher_to_student_layout(

@@ -40,6 +40,7 @@ from megatron_tropd.signals import StopSignals
 
 if TYPE_CHECKING:  # the evaluation modules load only when eval.interval > 0; Megatron only at setup
     from megatron_tropd.eval.scoring import Generate
+    from megatron_tropd.placed import PlacedModel
     from megatron_tropd.rollout.engine import GenerationEngine
     from megatron_tropd.topology import Topology
     from megatron_tropd.training import Student
@@ -54,7 +55,7 @@ class Job:
     config: RunConfig
     topology: Topology
     student: Student
-    teacher: torch.nn.Module
+    teacher: PlacedModel
     student_engine: GenerationEngine  # on the student's layout
     teacher_engine: GenerationEngine  # on the teacher's layout
     sampler: PromptSampler
@@ -103,7 +104,7 @@ def _build_models(config: RunConfig):
 
     from megatron_tropd.checkpoint import load_model_weights
     from megatron_tropd.models import params_dtype_for
-    from megatron_tropd.teacher import build_teacher
+    from megatron_tropd.placed import place_model
     from megatron_tropd.topology import ParallelLayout, build_topology
     from megatron_tropd.training import build_student
 
@@ -119,8 +120,8 @@ def _build_models(config: RunConfig):
     )  # fmt: skip
     if config.checkpoint.student_init:
         load_model_weights(config.checkpoint.student_init, student.module, config.student)
-    teacher = build_teacher(
-        config.teacher, topology.teacher, seed=config.seed + 1, checkpoint=config.checkpoint.teacher,
+    teacher = place_model(
+        config.teacher, topology.teacher, weights=config.checkpoint.teacher, seed=config.seed + 1,
         params_dtype=params_dtype_for(config.train.teacher_precision),
     )  # fmt: skip
     return topology, student, teacher
@@ -131,19 +132,10 @@ def _rows_per_replica(config: RunConfig, topology) -> int:
     return max(1, config.rollout.rollouts_per_step // topology.student.data_parallel)
 
 
-def _engines(config: RunConfig, topology, student, teacher):
-    from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
-
+def _engines(config: RunConfig, topology, student: Student, teacher: PlacedModel):
     max_length = config.rollout.max_prompt_length + config.rollout.max_new_tokens
-    batch = _rows_per_replica(config, topology)
-    decoder = config.rollout.decoder
-    student_engine = MegatronGenerationEngine(
-        student.module, topology.student, config.student.vocab_size, max_length, batch, decoder
-    )
-    teacher_engine = MegatronGenerationEngine(
-        teacher, topology.teacher, config.teacher.vocab_size, max_length, batch, decoder
-    )
-    return student_engine, teacher_engine
+    batch, decoder = _rows_per_replica(config, topology), config.rollout.decoder
+    return student.placed.engine(max_length, batch, decoder), teacher.engine(max_length, batch, decoder)
 
 
 def _in_training_eval(config: RunConfig, topology, student, tokenizer: Tokenizer | None):
@@ -160,9 +152,8 @@ def _in_training_eval(config: RunConfig, topology, student, tokenizer: Tokenizer
         context_length=config.student.max_position_embeddings,
     )  # fmt: skip
     generate = build_generate(
-        student.module, topology.student, tokenizer, config.student, max_new_tokens=e.max_new_tokens,
-        chat_template=config.data.chat_template, chat_template_kwargs=config.data.chat_template_kwargs,
-        seed=config.seed,
+        student.placed, tokenizer, max_new_tokens=e.max_new_tokens, chat_template=config.data.chat_template,
+        chat_template_kwargs=config.data.chat_template_kwargs, seed=config.seed,
         max_batch_size=_rows_per_replica(config, topology), decoder=config.rollout.decoder,
     )  # fmt: skip
     return InTrainingEval(benchmarks, generate)
@@ -264,7 +255,7 @@ def _requests(job: Job, step: int, prompts: list[Prompt]) -> list[GenerationRequ
     guided_rows = [i * r.samples_per_prompt + j for i in range(len(prompts)) for j in range(guided)]
     teacher_sampling = _sampling(job, r.teacher_temperature, r.max_new_tokens, r.seed + 1)
     teacher_out = generate_data_parallel(
-        job.teacher_engine, job.topology.teacher, [plain[row] for row in guided_rows], teacher_sampling
+        job.teacher_engine, [plain[row] for row in guided_rows], teacher_sampling
     )
     responses = [out.generated_token_ids for out in teacher_out]
     lengths = draw_prefix_lengths(r.seed, step, [plain[row].sample_id for row in guided_rows],
@@ -286,7 +277,7 @@ def rollout(job: Job, step: int) -> tuple[RolloutBatch, dict]:
     prompts = job.sampler.next_batch(r.prompts_per_step)
     requests = _requests(job, step, prompts)
     sampling = _sampling(job, r.temperature, r.max_new_tokens, r.seed)
-    results = generate_data_parallel(job.student_engine, job.topology.student, requests, sampling)
+    results = generate_data_parallel(job.student_engine, requests, sampling)
     batch = to_rollout_batch(results, pad_token_id=0).to(default_device())
     lengths = [len(x.generated_token_ids) + x.prefix_length for x in results]
     prefix_tokens = sum(x.prefix_length for x in results)
@@ -335,9 +326,7 @@ def train_one_step(job: Job, step: int) -> dict:
     batch, stats = rollout(job, step)
     generated = time.perf_counter()
     spec = ScoringSpec.for_method(config.student.vocab_size, config.method, config.optim.micro_batch_size)
-    scored = score_batch(
-        batch, job.student.model, job.topology.student, job.teacher, job.topology.teacher, spec, step
-    )
+    scored = score_batch(batch, job.student.placed, job.teacher, spec, step)
     context = batch_context(
         config.method, scored, step, config.train_steps, job.topology.student, config.guidance_enabled
     )

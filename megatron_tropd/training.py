@@ -28,6 +28,7 @@ from megatron_tropd.models import ModelConfig, build_gpt_model
 from megatron_tropd.ops import vocab_parallel_token_stats
 from megatron_tropd.ops.vocab_parallel import vocab_parallel_token_stats_with_tail
 from megatron_tropd.pipeline import run_microbatches
+from megatron_tropd.placed import PlacedModel
 from megatron_tropd.topology import ModelGroups
 
 
@@ -46,6 +47,11 @@ class Student:
     def module(self) -> torch.nn.Module:
         """The unwrapped GPTModel stage."""
         return self.model.module
+
+    @property
+    def placed(self) -> PlacedModel:
+        """The student on its layout; its forward passes go through the DDP wrapper."""
+        return PlacedModel(self.module, self.groups, self.model_config, runner=self.model)
 
 
 @dataclass
@@ -186,7 +192,7 @@ def _update(student: Student, batch: RolloutBatch, forward_step, loss_key: str) 
     student.model.zero_grad_buffer()
     student.optimizer.zero_grad()
     per_microbatch = run_microbatches(
-        student.model, student.groups, forward_step, batch.split(micro_batch_size),
+        student.placed, forward_step, batch.split(micro_batch_size),
         seq_length=batch.seq_length, micro_batch_size=micro_batch_size, forward_only=False,
     )  # fmt: skip
     # prepare_grads copies the reduced grads where the optimizer reads them; step() repeats that copy,

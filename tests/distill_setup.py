@@ -7,9 +7,9 @@ import torch
 from megatron_tropd.batch import RolloutBatch
 from megatron_tropd.config import MethodConfig, OptimConfig
 from megatron_tropd.models import tiny
+from megatron_tropd.placed import place_model
 from megatron_tropd.platform import enable_cpu_mode
 from megatron_tropd.scoring import ScoringSpec, score_batch
-from megatron_tropd.teacher import build_teacher
 from megatron_tropd.topology import ParallelLayout, build_topology
 from megatron_tropd.training import batch_context, build_student, train_step
 
@@ -48,7 +48,7 @@ def setup_models(student_layout, teacher_layout, optim: OptimConfig, total_steps
     topology = build_topology(ParallelLayout(*student_layout), ParallelLayout(*teacher_layout))
     model_parallel_cuda_manual_seed(1234)
     student = build_student(student_config(), optim, topology.student, total_steps, STUDENT_SEED)
-    teacher = build_teacher(teacher_config(), topology.teacher, seed=TEACHER_SEED)
+    teacher = place_model(teacher_config(), topology.teacher, seed=TEACHER_SEED)
     return topology, student, teacher
 
 
@@ -60,10 +60,7 @@ def distill_steps(topology, student, teacher, method: MethodConfig, steps: int, 
     """Score and train ``steps`` rollout batches; per step the reduced metrics (last stage) and grad norm."""
     history = []
     for step in range(first_step, first_step + steps):
-        scored = score_batch(
-            rollout_batch(step), student.model, topology.student, teacher, topology.teacher,
-            scoring_spec(method), step,
-        )  # fmt: skip
+        scored = score_batch(rollout_batch(step), student.placed, teacher, scoring_spec(method), step)
         context = batch_context(method, scored, step, first_step + steps, topology.student)
         result = train_step(student, scored, method, context)
         history.append({"metrics": result.metrics, "grad_norm": result.grad_norm, "lr": result.learning_rate})

@@ -294,7 +294,7 @@ def test_kwargs_reach_the_run_prompts_and_evaluation(tokenizer_dirs, tmp_path):
     expected = _reference(directory, PROMPTS[0], enable_thinking=False)
     assert list(load_run_prompts(config, tokenizer)[0].token_ids) == expected
 
-    generator = TextGenerator(None, tokenizer, None, max_new_tokens=4, chat_template_kwargs=NO_THINKING)
+    generator = TextGenerator(None, tokenizer, max_new_tokens=4, chat_template_kwargs=NO_THINKING)
     requests = generator._requests([PROMPTS[0]], k=2)
     assert [list(r.prompt_token_ids) for r in requests] == [expected, expected]
 

@@ -232,7 +232,7 @@ def save_worker(rank, world_size, base):
     checkpoint.save_checkpoint(
         base / "reshardable", SAVE_STEP, student, LOOP_STATE, optimizer_format="fully_reshardable"
     )
-    checkpoint.save_model_weights(base / "weights", teacher, teacher_config())
+    checkpoint.save_model_weights(base / "weights", teacher.stage, teacher_config())
     plain = build_student(student_config(), OPTIM_PLAIN, topology.student, TOTAL_STEPS, STUDENT_SEED)
     _history(topology, plain, teacher, SAVE_STEP)
     checkpoint.save_checkpoint(base / "plain", SAVE_STEP, plain, LOOP_STATE)
@@ -241,7 +241,7 @@ def save_worker(rank, world_size, base):
         "straight_shards": _shards(straight.module),
         "first": _losses_and_lrs(first_history),
         "saved_shards": _shards(student.module),
-        "teacher_shards": _shards(teacher),
+        "teacher_shards": _shards(teacher.stage),
         "tracker_states": tracker_states,
         "draws": draws,
         "pruning": _pruning(rank, student, base / "prune"),

@@ -178,7 +178,7 @@ def _non_finite_scenarios(rank: int, world_size: int, root: Path) -> dict:
         rank, world_size, convert.import_job, root / "nan-layer1", root / "nan-import", 1, 2, False, True
     )
     directory, config = convert.read_megatron_config(root / "qwen2" / "megatron-tp1pp1")
-    model, _ = convert._build_model(config, 1, 1)
+    model = convert._build_model(config, 1, 1).stage
     load_model_weights(directory, model, config)
     with torch.no_grad():
         dict(model.named_parameters())["decoder.final_layernorm.weight"][:3] = float("nan")
@@ -619,9 +619,7 @@ def trainer_teacher_worker(rank: int, world_size: int, teacher_dir: Path, tokens
     mask = torch.ones_like(tokens, dtype=torch.bool)
     batch = RolloutBatch(tokens, mask, torch.zeros_like(mask), torch.arange(tokens.shape[0]))
     spec = ScoringSpec(300, 4, False, 1, 0)
-    scored = score_batch(
-        batch, job.student.model, job.topology.student, job.teacher, job.topology.teacher, spec, 0
-    )
+    scored = score_batch(batch, job.student.placed, job.teacher, spec, 0)
     return {"rows": job.topology.student.position.dp_rank, "lp_teacher": scored.lp_teacher}
 
 

@@ -31,6 +31,14 @@ def _build(architecture: str, groups, layout, **overrides):
     ).eval()  # fmt: skip
 
 
+def _placed(model, groups):
+    """The engine's view of a test model: its stage, groups and (vocabulary 300) shape."""
+    from megatron_tropd.models import tiny
+    from megatron_tropd.placed import PlacedModel
+
+    return PlacedModel(model, groups, tiny("qwen2"))
+
+
 def _stepwise_error(engine, model, groups, tokens: torch.Tensor) -> float | None:
     """Prefill ``PREFILL`` positions, then feed one token at a time; the largest logit difference from
     the full forward over all steps (on the last stage; None elsewhere)."""
@@ -63,11 +71,11 @@ def _decoder_worker(rank: int, world_size: int, tensor_parallel: int, pipeline_p
         for architecture in ARCHITECTURES:
             model = _build(architecture, groups, layout)
             for decoder in ("cached", "megatron"):
-                engine = MegatronGenerationEngine(model, groups, 300, TOTAL, BATCH, decoder=decoder)
+                engine = MegatronGenerationEngine(_placed(model, groups), TOTAL, BATCH, decoder=decoder)
                 errors[architecture, decoder] = _stepwise_error(engine, model, groups, tokens)
             for parameter in model.parameters():  # an optimizer step updates weights in place
                 parameter.mul_(1.25)
-            engine = MegatronGenerationEngine(model, groups, 300, TOTAL, BATCH, decoder="cached")
+            engine = MegatronGenerationEngine(_placed(model, groups), TOTAL, BATCH, decoder="cached")
             errors[architecture, "cached after update"] = _stepwise_error(engine, model, groups, tokens)
     return {
         "errors": errors,
@@ -91,10 +99,10 @@ def _self_check(groups, layout) -> dict:
     def tokens(engine):
         return [r.generated_token_ids for r in engine.generate(requests, greedy)]
 
-    reference = tokens(MegatronGenerationEngine(model, groups, 300, 16, 2, decoder="megatron"))
-    intact = MegatronGenerationEngine(model, groups, 300, 16, 2)
+    reference = tokens(MegatronGenerationEngine(_placed(model, groups), 16, 2, decoder="megatron"))
+    intact = MegatronGenerationEngine(_placed(model, groups), 16, 2)
     intact_tokens = tokens(intact)
-    misreading = MegatronGenerationEngine(model, groups, 300, 16, 2)
+    misreading = MegatronGenerationEngine(_placed(model, groups), 16, 2)
     original = decoder_module._Rope.rotate
     decoder_module._Rope.rotate = lambda self, t, start: t
     try:
@@ -114,9 +122,9 @@ def _fallback(groups, layout) -> dict:
 
     model = _build("qwen2", groups, layout)
     model.config.window_size = (4, 0)
-    chosen = MegatronGenerationEngine(model, groups, 300, TOTAL, BATCH).decoder
+    chosen = MegatronGenerationEngine(_placed(model, groups), TOTAL, BATCH).decoder
     try:
-        MegatronGenerationEngine(model, groups, 300, TOTAL, BATCH, decoder="cached")
+        MegatronGenerationEngine(_placed(model, groups), TOTAL, BATCH, decoder="cached")
         refusal = None
     except ValueError as error:
         refusal = str(error)

@@ -24,15 +24,16 @@ def _reference_worker(rank, world_size, base):
     """Save the tiny model's weights and sample its responses on this one rank (the reference)."""
     from megatron_tropd.checkpoint import save_model_weights
     from megatron_tropd.data import Tokenizer
+    from megatron_tropd.placed import PlacedModel
     from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
     from megatron_tropd.rollout.text import TextGenerator
 
     base = Path(base)
     model, groups, config = build_tiny_model()
     save_model_weights(base / "weights", model, config)
-    engine = MegatronGenerationEngine(model, groups, config.vocab_size, config.max_position_embeddings, 8)
+    engine = MegatronGenerationEngine(PlacedModel(model, groups, config), config.max_position_embeddings, 8)
     tokenizer = Tokenizer(str(base / "sp.model"))
-    generate = TextGenerator(engine, tokenizer, groups, max_new_tokens=MAX_NEW, chat_template="none")
+    generate = TextGenerator(engine, tokenizer, max_new_tokens=MAX_NEW, chat_template="none")
     return generate(PROMPTS, K, TEMPERATURE)
 
 

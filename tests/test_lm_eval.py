@@ -92,12 +92,14 @@ def _single_rank_worker(rank, world_size, base):
     from megatron_tropd.checkpoint import save_model_weights
     from megatron_tropd.data import Tokenizer
     from megatron_tropd.eval.lm_eval_adapter import MegatronLM
+    from megatron_tropd.placed import PlacedModel
 
     base = Path(base)
     model, groups, config = build_tiny_model()
     save_model_weights(base / "weights", model, config)
     tokenizer = Tokenizer(str(base / "sp.model"))
-    adapter = MegatronLM.from_model(model, groups, tokenizer, config, batch_size=3, max_length=MAX_LENGTH)
+    placed = PlacedModel(model, groups, config)
+    adapter = MegatronLM.from_model(placed, tokenizer, batch_size=3, max_length=MAX_LENGTH)
     pairs = [adapter._encode_pair(*r) for r in REQUESTS]
     context_ids = tokenizer.encode(GREEDY_CONTEXT)
     greedy = _greedy_tokens(model, config.vocab_size, context_ids, 3)
@@ -268,7 +270,7 @@ def _parity_worker(rank, world_size, base):
         dtype="bfloat16",
     )  # fmt: skip
     results["bf16"] = {
-        "dtypes": sorted({str(p.dtype) for p in bf16.model.parameters()}),
+        "dtypes": sorted({str(p.dtype) for p in bf16.placed.stage.parameters()}),
         "rolling": parity.answers(bf16, results["qwen2_5"]["chat"])["rolling"],
     }
     return results

@@ -126,6 +126,7 @@ def _generation_worker(rank: int, world_size: int, tensor_parallel: int, pipelin
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_tropd.models import build_gpt_model, tiny
+    from megatron_tropd.placed import PlacedModel
     from megatron_tropd.platform import enable_cpu_mode
     from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
     from megatron_tropd.topology import ParallelLayout, build_topology
@@ -140,7 +141,9 @@ def _generation_worker(rank: int, world_size: int, tensor_parallel: int, pipelin
         pipeline_parallel_size=pipeline_parallel, seed=MODEL_SEED,
     )  # fmt: skip
     model.eval()
-    engine = MegatronGenerationEngine(model, groups, VOCAB_SIZE, max_sequence_length=32, max_batch_size=4)
+    placed = PlacedModel(model, groups, tiny("qwen2"))
+    assert placed.vocab_size == VOCAB_SIZE
+    engine = MegatronGenerationEngine(placed, max_sequence_length=32, max_batch_size=4)
     with torch.no_grad():
         greedy = _check_greedy(model, groups, engine)
         _check_stop(engine, greedy)

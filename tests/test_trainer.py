@@ -35,7 +35,7 @@ def _requests_as_launched(monkeypatch, recipe: str, overrides: list[str]):
     config = train.build_config(recipe, overrides, {})
     teacher_calls = []
 
-    def fake_generate(engine, groups, requests, sampling):
+    def fake_generate(engine, requests, sampling):
         assert engine == "teacher engine", "only the teacher writes prefixes"
         teacher_calls.append(list(requests))
         return [types.SimpleNamespace(generated_token_ids=list(range(8))) for _ in requests]
@@ -206,7 +206,7 @@ def precision_worker(rank, world_size, config):
         main_params = [p for group in job.student.optimizer.param_groups for p in group["params"]]
         dtypes = {
             "student": sorted({str(p.dtype) for p in job.student.module.parameters()}),
-            "teacher": sorted({str(p.dtype) for p in job.teacher.parameters()}),
+            "teacher": sorted({str(p.dtype) for p in job.teacher.stage.parameters()}),
             "main": sorted({str(p.dtype) for p in main_params}),
         }
         loss = trainer.train_one_step(job, 0)["loss"]

@@ -69,14 +69,13 @@ def distill_worker(rank, world_size, student_layout, teacher_layout):
 
     optim = OptimConfig(lr=LR, micro_batch_size=1, use_distributed_optimizer=True)
     topology, student, teacher = setup_models(student_layout, teacher_layout, optim, STEPS)
-    teacher_before = [p.detach().clone() for p in teacher.parameters()]
-    scored = score_batch(rollout_batch(0), student.model, topology.student, teacher, topology.teacher,
-                         scoring_spec(METHOD), 0)  # fmt: skip
+    teacher_before = [p.detach().clone() for p in teacher.stage.parameters()]
+    scored = score_batch(rollout_batch(0), student.placed, teacher, scoring_spec(METHOD), 0)
     history = distill_steps(topology, student, teacher, METHOD, STEPS)
     groups = topology.student
     rows = data_parallel_rows(NUM_SEQUENCES, groups.data_parallel, groups.position.dp_rank)
     signals = {name: getattr(scored, name) for name in SIGNALS} if groups.is_last_stage else None
-    teacher_params = list(teacher.parameters())
+    teacher_params = list(teacher.stage.parameters())
     return {
         "history": history if groups.is_last_stage else None,
         "rows": (rows.start, rows.stop),

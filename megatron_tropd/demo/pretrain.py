@@ -99,12 +99,10 @@ def _train_one(spec: PretrainSpec, groups, tokenizer: Tokenizer, out: Path, rank
             log.append({"step": step, "nll": result.metrics["nll"], "seconds": time.perf_counter() - started})
             logger.info("%s step %d/%d nll %.4f", spec.name, step + 1, spec.steps, result.metrics["nll"])
     save_model_weights(out, student.module, spec.model)
-    return student.module, log
+    return student, log
 
 
-def _accuracy(
-    module, groups, spec: PretrainSpec, tokenizer: Tokenizer, evaluation: HeldOutEvaluation
-) -> float:
+def _accuracy(placed, spec: PretrainSpec, tokenizer: Tokenizer, evaluation: HeldOutEvaluation) -> float:
     """avg@k of a freshly trained model on the held-out benchmark (the same protocol as the loop's)."""
     from megatron_tropd.eval.harness import build_generate
     from megatron_tropd.eval.schema import load_benchmarks
@@ -112,8 +110,8 @@ def _accuracy(
 
     benchmarks = load_benchmarks(evaluation.benchmarks)
     generate = build_generate(
-        module, groups, tokenizer, spec.model, max_new_tokens=evaluation.settings.max_new_tokens,
-        chat_template="none", max_batch_size=evaluation.max_batch_size, seed=evaluation.seed,
+        placed, tokenizer, max_new_tokens=evaluation.settings.max_new_tokens, chat_template="none",
+        max_batch_size=evaluation.max_batch_size, seed=evaluation.seed,
     )  # fmt: skip
     settings = evaluation.settings
     report = evaluate(
@@ -146,18 +144,16 @@ def pretrain(
     quiet_worker()
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_tropd.platform import enable_cpu_mode, set_seed
-    from megatron_tropd.topology import ParallelLayout, build_topology
+    from megatron_tropd.placed import one_model_groups
+    from megatron_tropd.platform import set_seed
 
-    enable_cpu_mode()
-    layout = ParallelLayout(1, 1)
-    groups = build_topology(layout, layout).student
+    groups = one_model_groups(1, 1, seed=specs[0].seed)
     tokenizer, results = Tokenizer(tokenizer_path), []
     for spec, out in zip(specs, outs, strict=True):
         set_seed(spec.seed)
         model_parallel_cuda_manual_seed(spec.seed)
-        module, log = _train_one(spec, groups, tokenizer, Path(out), rank)
-        accuracy = _accuracy(module, groups, spec, tokenizer, evaluation)
+        student, log = _train_one(spec, groups, tokenizer, Path(out), rank)
+        accuracy = _accuracy(student.placed, spec, tokenizer, evaluation)
         logger.info("%s: held-out avg@%d %.3f", spec.name, evaluation.settings.samples_per_prompt, accuracy)
         results.append({"name": spec.name, "log": log, "accuracy": accuracy})
     return results

@@ -1,7 +1,7 @@
 """Evaluate a Megatron checkpoint on the benchmarks, on any TP x PP layout (data parallelism takes the rest).
 
 ``evaluate_checkpoint`` is collective over every rank of an initialised process group: the model is built
-on its layout with ``build_teacher`` (read-only weights, eval mode), the KV-cache engine generates, and
+on its layout with ``placed.place_model`` (read-only weights, eval mode), the KV-cache engine generates, and
 ``eval.scoring.evaluate`` scores the responses. Every rank returns the same ``EvalReport``.
 
 Everything that can be refused without a model -- an unreadable checkpoint, a tokenizer or benchmark
@@ -27,7 +27,8 @@ from megatron_tropd.data import Tokenizer, encode_prompt
 from megatron_tropd.eval.schema import Benchmark, load_benchmarks
 from megatron_tropd.eval.scoring import EvalReport, Generate, evaluate, render_prompt
 from megatron_tropd.model_config import ModelConfig
-from megatron_tropd.topology import ModelGroups, ParallelLayout
+from megatron_tropd.placed import PlacedModel
+from megatron_tropd.topology import ParallelLayout
 
 DEFAULT_MAX_BATCH_SIZE = 64
 """Rows the KV-cache engine decodes at once (per data-parallel replica)."""
@@ -163,27 +164,22 @@ def load_model(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     seed: int = 0,
-) -> tuple[torch.nn.Module, ModelGroups]:
+    params_dtype: torch.dtype | None = None,
+) -> PlacedModel:
     """This rank's read-only stage of the checkpoint's model on a TP x PP layout (collective)."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron_tropd.placed import one_model_groups, place_model
 
-    from megatron_tropd.platform import enable_cpu_mode
-    from megatron_tropd.teacher import build_teacher
-    from megatron_tropd.topology import build_topology
-
-    enable_cpu_mode()  # a no-op on GPU machines
-    layout = ParallelLayout(tensor_parallel, pipeline_parallel)
-    groups = build_topology(layout, layout).student
-    model_parallel_cuda_manual_seed(seed)  # attention forks this tracker even with dropout 0
+    groups = one_model_groups(tensor_parallel, pipeline_parallel, seed)
     try:
-        model = build_teacher(model_config, groups, seed=seed, checkpoint=str(checkpoint))
+        return place_model(
+            model_config, groups, weights=str(checkpoint), seed=seed, params_dtype=params_dtype
+        )
     except CheckpointError:
         raise
     except Exception as exc:  # dist-checkpointing reports broken shards in its own terms
         raise CheckpointError(
             f"cannot load the weights of {checkpoint} ({type(exc).__name__}: {exc}); expected {_EXPECTED}"
         ) from exc
-    return model, groups
 
 
 def pad_for_data_parallel(generate: Generate, data_parallel: int) -> Generate:
@@ -201,10 +197,8 @@ def pad_for_data_parallel(generate: Generate, data_parallel: int) -> Generate:
 
 
 def build_generate(
-    model: torch.nn.Module,
-    groups: ModelGroups,
+    placed: PlacedModel,
     tokenizer: Tokenizer,
-    model_config: ModelConfig,
     *,
     max_new_tokens: int,
     chat_template: str = "auto",
@@ -214,17 +208,14 @@ def build_generate(
     decoder: str = "auto",
 ) -> Generate:
     """``generate(prompts, k, temperature)`` over the KV-cache engine; collective over every rank."""
-    from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
     from megatron_tropd.rollout.text import TextGenerator
 
-    engine = MegatronGenerationEngine(
-        model, groups, model_config.vocab_size, model_config.max_position_embeddings, max_batch_size, decoder
-    )
+    engine = placed.engine(placed.config.max_position_embeddings, max_batch_size, decoder)
     generator = TextGenerator(
-        engine, tokenizer, groups, max_new_tokens=max_new_tokens, chat_template=chat_template,
+        engine, tokenizer, max_new_tokens=max_new_tokens, chat_template=chat_template,
         chat_template_kwargs=chat_template_kwargs, seed=seed,
     )  # fmt: skip
-    return pad_for_data_parallel(generator, groups.data_parallel)
+    return pad_for_data_parallel(generator, placed.groups.data_parallel)
 
 
 def _on_every_rank(fn, *args: Any, **kwargs: Any) -> Any:
@@ -287,14 +278,13 @@ def evaluate_checkpoint(
         world_size=dist.get_world_size(), tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel,
     )  # fmt: skip
-    model, groups = load_model(
+    placed = load_model(
         prepared.directory, prepared.model_config, tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel, seed=seed,
     )  # fmt: skip
     generate = build_generate(
-        model, groups, prepared.tokenizer, prepared.model_config, max_new_tokens=settings.max_new_tokens,
-        chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, max_batch_size=max_batch_size,
-        seed=seed, decoder=decoder,
+        placed, prepared.tokenizer, max_new_tokens=settings.max_new_tokens, chat_template=chat_template,
+        chat_template_kwargs=chat_template_kwargs, max_batch_size=max_batch_size, seed=seed, decoder=decoder,
     )  # fmt: skip
     run = run_name or prepared.directory.name
     return evaluate(

@@ -51,12 +51,11 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from megatron_tropd.data import Tokenizer
-from megatron_tropd.model_config import ModelConfig
 from megatron_tropd.ops import vocab_parallel_token_stats, vocab_parallel_topk
+from megatron_tropd.placed import PlacedModel
 from megatron_tropd.platform import default_device, init_distributed
 from megatron_tropd.rollout.engine import GenerationRequest, SamplingParams
 from megatron_tropd.scoring import forward_signals
-from megatron_tropd.topology import ModelGroups, data_parallel_rows
 
 logger = logging.getLogger(__name__)
 
@@ -124,31 +123,18 @@ def check_launch(tensor_parallel: int, pipeline_parallel: int) -> None:
         )
 
 
-def load_model(checkpoint: str, tensor_parallel: int, pipeline_parallel: int, seed: int, dtype):
-    """``(model, groups, model_config)``: this rank's read-only stage of ``checkpoint`` (collective)."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from megatron_tropd.checkpoint import CheckpointError, read_weights_config
-    from megatron_tropd.platform import enable_cpu_mode
-    from megatron_tropd.teacher import build_teacher
-    from megatron_tropd.topology import ParallelLayout, build_topology
+def load_model(
+    checkpoint: str, tensor_parallel: int, pipeline_parallel: int, seed: int, dtype
+) -> PlacedModel:
+    """This rank's read-only stage of ``checkpoint`` on its layout, in ``dtype`` (collective)."""
+    from megatron_tropd.checkpoint import read_weights_config
+    from megatron_tropd.eval import harness
 
     directory, model_config = read_weights_config(checkpoint)
-    enable_cpu_mode()  # a no-op on GPU machines
-    layout = ParallelLayout(tensor_parallel, pipeline_parallel)
-    groups = build_topology(layout, layout).student
-    model_parallel_cuda_manual_seed(seed)  # attention forks this tracker even with dropout 0
-    try:
-        model = build_teacher(
-            model_config, groups, seed=seed, checkpoint=str(directory), params_dtype=parse_dtype(dtype)
-        )
-    except CheckpointError:
-        raise
-    except Exception as exc:  # dist-checkpointing reports broken shards in its own terms
-        raise CheckpointError(
-            f"cannot load the weights of {checkpoint} ({type(exc).__name__}: {exc})"
-        ) from exc
-    return model, groups, model_config
+    return harness.load_model(
+        directory, model_config, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+        seed=seed, params_dtype=parse_dtype(dtype),
+    )  # fmt: skip
 
 
 def _is_rank_zero() -> bool:
@@ -229,25 +215,22 @@ def _rows_per_replica(num_rows: int, data_parallel: int, micro_batch_size: int) 
 
 
 def score_token_rows(
-    model: torch.nn.Module,
-    groups: ModelGroups,
-    rows: Sequence[Sequence[int]],
-    vocab_size: int,
-    micro_batch_size: int,
+    placed: PlacedModel, rows: Sequence[Sequence[int]], micro_batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log_probs, greedy_ids)``, each ``[len(rows), max_len]`` on CPU and on every rank.
 
     Position ``t`` holds the log-prob of token ``t + 1`` of the row and the argmax prediction for it
     (meaningless past the row's end). Collective over every rank of the job.
     """
+    groups = placed.groups
     per_replica = _rows_per_replica(len(rows), groups.data_parallel, micro_batch_size)
     total, length = per_replica * groups.data_parallel, max(len(r) for r in rows)
     tokens = torch.zeros(total, length, dtype=torch.int64)  # right-padded: causal, padding is never read
     for index, row in enumerate(rows):
         tokens[index, : len(row)] = torch.tensor(row, dtype=torch.int64)
-    mine = data_parallel_rows(total, groups.data_parallel, groups.position.dp_rank)
-    signal_fn = _loglikelihood_signal_fn(groups.tp_group, vocab_size)
-    out = forward_signals(model, groups, tokens[mine].to(default_device()), micro_batch_size, signal_fn)
+    mine = placed.rows(total)
+    signal_fn = _loglikelihood_signal_fn(groups.tp_group, placed.vocab_size)
+    out = forward_signals(placed, tokens[mine].to(default_device()), micro_batch_size, signal_fn)
     holder = groups.is_last_stage and groups.position.tp_rank == 0
     local = (mine.start, out["log_probs"].cpu(), out["greedy_ids"].cpu()) if holder else None
     gathered: list[Any] = [None] * dist.get_world_size()
@@ -304,40 +287,37 @@ class MegatronLM(LM):
         check_launch(int(tensor_parallel), int(pipeline_parallel))
         text = Tokenizer(tokenizer_location(str(tokenizer)))
         init_distributed()
-        model, groups, model_config = load_model(
-            str(checkpoint), int(tensor_parallel), int(pipeline_parallel), int(seed), dtype
-        )
-        self._setup(model, groups, text, model_config, batch_size, max_length, max_gen_toks, seed)
+        placed = load_model(str(checkpoint), int(tensor_parallel), int(pipeline_parallel), int(seed), dtype)
+        self._setup(placed, text, batch_size, max_length, max_gen_toks, seed)
+        groups = placed.groups
         if _is_rank_zero():
             logger.info(
                 "megatron_tropd: %s on TP%d x PP%d x DP%d, max_length %d, %s parameters", checkpoint,
                 groups.layout.tensor_parallel, groups.layout.pipeline_parallel, groups.data_parallel,
-                self.max_length, next(model.parameters()).dtype,
+                self.max_length, next(placed.stage.parameters()).dtype,
             )  # fmt: skip
 
     @classmethod
     def from_model(
         cls,
-        model: torch.nn.Module,
-        groups: ModelGroups,
+        placed: PlacedModel,
         tokenizer: Tokenizer,
-        model_config: ModelConfig,
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_length: int = 0,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         seed: int = 0,
     ) -> MegatronLM:
-        """Wrap a model already built on ``groups``' layout (no checkpoint read)."""
+        """Wrap a model already placed on its layout (no checkpoint read)."""
         adapter = cls.__new__(cls)
         LM.__init__(adapter)
-        adapter._setup(model, groups, tokenizer, model_config, batch_size, max_length, max_gen_toks, seed)
+        adapter._setup(placed, tokenizer, batch_size, max_length, max_gen_toks, seed)
         return adapter
 
-    def _setup(self, model, groups, tokenizer, model_config, batch_size, max_length, max_gen_toks, seed):
-        from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
-
-        self.model, self.groups, self.tokenizer = model.eval(), groups, tokenizer
+    def _setup(self, placed: PlacedModel, tokenizer, batch_size, max_length, max_gen_toks, seed):
+        placed.stage.eval()
+        self.placed, self.groups, self.tokenizer = placed, placed.groups, tokenizer
+        model_config = placed.config
         self.encoding = HFEncoding(tokenizer)
         self.vocab_size = model_config.vocab_size
         self.max_length = int(max_length) or model_config.max_position_embeddings
@@ -349,9 +329,7 @@ class MegatronLM(LM):
         # lm-eval may pass "auto" or "auto:N"; without a memory model here, fall back to the default.
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH_SIZE
         self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
-        self.engine = MegatronGenerationEngine(
-            model, groups, self.vocab_size, self.max_length, self.batch_size
-        )
+        self.engine = placed.engine(self.max_length, self.batch_size)
         self.eos_token_id = self.encoding.eos_token_id
 
     @property
@@ -450,9 +428,7 @@ class MegatronLM(LM):
     def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         rows = [self._scored_row(*pair) for pair in pairs]
         micro_batch_size = max(1, self.batch_size // self.groups.data_parallel)
-        log_probs, greedy_ids = score_token_rows(
-            self.model, self.groups, rows, self.vocab_size, micro_batch_size
-        )
+        log_probs, greedy_ids = score_token_rows(self.placed, rows, micro_batch_size)
         results = []
         for slot, ((_, continuation), row) in enumerate(zip(pairs, rows, strict=True)):
             count = len(continuation)
@@ -520,7 +496,7 @@ class MegatronLM(LM):
         prompts += [prompts[-1]] * extra
         sample_ids = [*sample_ids, *range(max(sample_ids) + 1, max(sample_ids) + 1 + extra)]
         requests = [GenerationRequest(tuple(ids), i) for ids, i in zip(prompts, sample_ids, strict=True)]
-        results = generate_data_parallel(self.engine, self.groups, requests, sampling)
+        results = generate_data_parallel(self.engine, requests, sampling)
         texts = []
         for result in results[: len(contexts)]:
             ids = result.generated_token_ids[:-1] if result.finished_by_stop else result.generated_token_ids

@@ -85,37 +85,28 @@ def probe_worker(
     from megatron_tropd.demo.pretrain import quiet_worker
 
     quiet_worker()  # before Megatron is imported
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
     from megatron_tropd.data import Tokenizer
-    from megatron_tropd.platform import enable_cpu_mode, set_seed
+    from megatron_tropd.placed import one_model_groups, place_model
+    from megatron_tropd.platform import set_seed
     from megatron_tropd.rollout.engine import GenerationRequest, SamplingParams
-    from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
     from megatron_tropd.rollout.text import generate_data_parallel
-    from megatron_tropd.teacher import build_teacher
-    from megatron_tropd.topology import ParallelLayout, build_topology, data_parallel_rows
 
-    enable_cpu_mode()
-    layout = ParallelLayout(1, 1)
-    groups = build_topology(layout, layout).student
     set_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+    groups = one_model_groups(1, 1, seed)
     tokenizer = Tokenizer(tokenizer_path)
-    teacher = build_teacher(teacher_config, groups, seed=seed, checkpoint=teacher_path)
+    teacher = place_model(teacher_config, groups, weights=teacher_path, seed=seed)
     prompts = [tokenizer.encode(text) for text in _read_prompts(prompts_path, num_prompts)]
     requests = [GenerationRequest(tuple(ids), sample_id=i) for i, ids in enumerate(prompts)]
     sampling = SamplingParams(1.0, 1.0, 0, max_new_tokens, (tokenizer.eos_token_id,), seed)
-    rows = data_parallel_rows(len(requests), groups.data_parallel, groups.position.dp_rank)
+    rows = teacher.rows(len(requests))
     max_length = student_config.max_position_embeddings
     results = {}
     for name, path in students.items():
-        student = build_teacher(student_config, groups, seed=seed, checkpoint=path)
-        engine = MegatronGenerationEngine(
-            student, groups, student_config.vocab_size, max_length, len(requests) // groups.data_parallel
-        )
-        outputs = generate_data_parallel(engine, groups, requests, sampling)[rows]
+        student = place_model(student_config, groups, weights=path, seed=seed)
+        engine = student.engine(max_length, len(requests) // groups.data_parallel)
+        outputs = generate_data_parallel(engine, requests, sampling)[rows]
         sums = token_sums(
-            teacher, student, [(out.token_ids, out.prompt_length) for out in outputs],
+            teacher.stage, student.stage, [(out.token_ids, out.prompt_length) for out in outputs],
             student_config.vocab_size, topk,
         )  # fmt: skip
         sums["responses"] = len(outputs)

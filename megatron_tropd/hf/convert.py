@@ -57,6 +57,7 @@ from megatron_tropd.hf.mapping import (
     megatron_from_hf,
 )
 from megatron_tropd.model_config import ModelConfig, require_megatron_rope
+from megatron_tropd.placed import PlacedModel
 
 logger = logging.getLogger(__name__)
 
@@ -320,24 +321,12 @@ def _require_distributed() -> None:
         )
 
 
-def _build_model(model_config: ModelConfig, tensor_parallel: int, pipeline_parallel: int):
+def _build_model(model_config: ModelConfig, tensor_parallel: int, pipeline_parallel: int) -> PlacedModel:
     """This rank's stage on a fresh TP x PP topology (extra ranks: data-parallel replicas), weights empty."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron_tropd.placed import one_model_groups, place_model
 
-    from megatron_tropd.models import build_gpt_model
-    from megatron_tropd.platform import enable_cpu_mode
-    from megatron_tropd.topology import ParallelLayout, build_topology
-
-    enable_cpu_mode()  # a no-op on GPU machines
-    layout = ParallelLayout(tensor_parallel, pipeline_parallel)
-    groups = build_topology(layout, layout).student
-    model_parallel_cuda_manual_seed(1234)  # attention forks this tracker even with dropout 0
-    model = build_gpt_model(
-        model_config, groups.pg_collection, pre_process=groups.is_first_stage,
-        post_process=groups.is_last_stage, tensor_parallel_size=tensor_parallel,
-        pipeline_parallel_size=pipeline_parallel, seed=None,
-    )  # fmt: skip
-    return model.eval(), groups
+    groups = one_model_groups(tensor_parallel, pipeline_parallel, seed=1234)
+    return place_model(model_config, groups, seed=None)
 
 
 def _collectively(fn, *args: Any) -> Any:
@@ -479,7 +468,7 @@ def hf_to_megatron(
     """
     checkpoint, out = check_import_inputs(hf_dir, out_dir, tensor_parallel, pipeline_parallel, force)
     _require_distributed()
-    model, _ = _build_model(checkpoint.model_config, tensor_parallel, pipeline_parallel)
+    model = _build_model(checkpoint.model_config, tensor_parallel, pipeline_parallel).stage
     _collectively(_fill_stage_from_hf, model, checkpoint)
     staging = _new_staging_dir(out)
     try:
@@ -641,7 +630,7 @@ def megatron_to_hf(
     """
     directory, config, out = check_export_inputs(ckpt_dir, out_dir, force, dtype)
     _require_distributed()
-    model, _ = _build_model(config, 1, 1)
+    model = _build_model(config, 1, 1).stage
     load_model_weights(directory, model, config)
     out.parent.mkdir(parents=True, exist_ok=True)
     on_rank0(_write_hf_dir, model, config, directory, out, dtype, max_shard_bytes)
@@ -702,22 +691,23 @@ def _forward_step(data_iterator, model):
 
 
 @torch.no_grad()
-def _megatron_logits(model, groups, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+def _megatron_logits(placed: PlacedModel, tokens: torch.Tensor) -> torch.Tensor | None:
     """Full-vocabulary fp32 CPU logits ``[B, S, vocab_size]`` on the last PP stage, None elsewhere."""
     from megatron_tropd.pipeline import run_microbatches
     from megatron_tropd.platform import default_device
 
     tokens = tokens.to(default_device())
     outputs = run_microbatches(
-        model, groups, _forward_step, [tokens], seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
+        placed, _forward_step, [tokens], seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
         forward_only=True, collect_non_loss_data=True,
     )  # fmt: skip
-    if not groups.is_last_stage:
+    if not placed.is_last_stage:
         return None
+    groups = placed.groups
     shard = outputs[0].contiguous()  # [B, S, padded_vocab / TP]
     shards = [torch.empty_like(shard) for _ in range(dist.get_world_size(groups.tp_group))]
     dist.all_gather(shards, shard, group=groups.tp_group)
-    return torch.cat(shards, dim=-1)[..., :vocab_size].float().cpu()
+    return torch.cat(shards, dim=-1)[..., : placed.vocab_size].float().cpu()
 
 
 @torch.no_grad()
@@ -760,11 +750,11 @@ def compare_logits(
     """
     directory, config = read_megatron_config(megatron_dir)
     _require_distributed()
-    model, groups = _build_model(config, tensor_parallel, pipeline_parallel)
-    load_model_weights(directory, model, config)
+    placed = _build_model(config, tensor_parallel, pipeline_parallel)
+    load_model_weights(directory, placed.stage, config)
     if tokens is None:
         tokens = prompt_tokens(config.vocab_size, verify_length(config, seq_len))
-    megatron = _megatron_logits(model, groups, tokens, config.vocab_size)
+    megatron = _megatron_logits(placed, tokens)
     judge = dist.get_world_size() - 1
     outcome: list[Any] = [None]
     if dist.get_rank() == judge:

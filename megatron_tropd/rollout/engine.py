@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 from megatron_tropd.batch import RolloutBatch
+from megatron_tropd.topology import ModelGroups
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,12 @@ class GenerationResult:
 
 
 class GenerationEngine(Protocol):
-    """Anything that turns requests into completions: the Megatron KV-cache engine, a vLLM adapter, ..."""
+    """Anything that turns requests into completions: the Megatron KV-cache engine, a vLLM adapter, ...
+
+    ``groups`` is the layout of the model it runs (``generate_data_parallel`` splits requests over its
+    data-parallel replicas)."""
+
+    groups: ModelGroups
 
     def generate(
         self, requests: Sequence[GenerationRequest], sampling: SamplingParams

@@ -45,10 +45,10 @@ import torch.distributed as dist
 
 from megatron_tropd.config import DECODERS
 from megatron_tropd.ops.trust import trust_uniform
+from megatron_tropd.placed import PlacedModel
 from megatron_tropd.platform import cpu_mode_suspended, default_device
 from megatron_tropd.rollout.decoder import CachedDecoder, unsupported_reason
 from megatron_tropd.rollout.engine import GenerationRequest, GenerationResult, SamplingParams
-from megatron_tropd.topology import ModelGroups
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +166,7 @@ class MegatronGenerationEngine:
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        groups: ModelGroups,
-        vocab_size: int,
+        placed: PlacedModel,
         max_sequence_length: int,
         max_batch_size: int,
         decoder: str = "auto",
@@ -178,9 +176,10 @@ class MegatronGenerationEngine:
                 f"max_batch_size={max_batch_size} and max_sequence_length={max_sequence_length}: need at "
                 "least 1 row and 2 positions (a prompt token and one generated token)"
             )
-        self.model = model
-        self.groups = groups
-        self.vocab_size = vocab_size
+        self.placed = placed
+        self.model = model = placed.stage
+        self.groups = placed.groups
+        self.vocab_size = placed.vocab_size
         self.max_sequence_length = max_sequence_length
         self.max_batch_size = max_batch_size
         self.device = default_device()

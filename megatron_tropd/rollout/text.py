@@ -1,6 +1,6 @@
 """Text in, text out over a ``GenerationEngine``: the ``generate`` callable of ``eval.scoring.evaluate``.
 
-``TextGenerator(engine, tokenizer, groups, ...)(prompts, k, temperature)`` renders each prompt with the
+``TextGenerator(engine, tokenizer, ...)(prompts, k, temperature)`` renders each prompt with the
 chat template, tokenizes it, asks for ``k`` samples, and decodes the responses (the stop token dropped).
 It is collective over every rank of the job: each data-parallel replica generates its share of the
 requests and the results are gathered, so every rank returns the same lists.
@@ -15,13 +15,15 @@ import torch.distributed as dist
 
 from megatron_tropd.data import Tokenizer, encode_prompt
 from megatron_tropd.rollout.engine import GenerationRequest, GenerationResult, SamplingParams
-from megatron_tropd.topology import ModelGroups, data_parallel_rows
+from megatron_tropd.topology import data_parallel_rows
 
 
 def generate_data_parallel(
-    engine, groups: ModelGroups, requests: Sequence[GenerationRequest], sampling: SamplingParams
+    engine, requests: Sequence[GenerationRequest], sampling: SamplingParams
 ) -> list[GenerationResult]:
-    """Each data-parallel replica generates its slice of ``requests``; every rank gets all results."""
+    """Each data-parallel replica of the engine's model generates its slice of ``requests``; every rank
+    gets all results."""
+    groups = engine.groups
     rows = data_parallel_rows(len(requests), groups.data_parallel, groups.position.dp_rank)
     mine = engine.generate(list(requests[rows]), sampling)
     if groups.data_parallel == 1:
@@ -38,7 +40,6 @@ class TextGenerator:
         self,
         engine,
         tokenizer: Tokenizer,
-        groups: ModelGroups,
         *,
         max_new_tokens: int,
         chat_template: str = "auto",
@@ -46,7 +47,7 @@ class TextGenerator:
         top_p: float = 1.0,
         seed: int = 0,
     ):
-        self.engine, self.tokenizer, self.groups = engine, tokenizer, groups
+        self.engine, self.tokenizer = engine, tokenizer
         self.max_new_tokens, self.chat_template = max_new_tokens, chat_template
         self.chat_template_kwargs = chat_template_kwargs
         self.top_p, self.seed = top_p, seed
@@ -68,6 +69,6 @@ class TextGenerator:
         eos = self.tokenizer.eos_token_id
         stops = (eos,) if eos is not None and eos >= 0 else ()
         sampling = SamplingParams(temperature, self.top_p, 0, self.max_new_tokens, stops, self.seed)
-        results = generate_data_parallel(self.engine, self.groups, self._requests(prompts, k), sampling)
+        results = generate_data_parallel(self.engine, self._requests(prompts, k), sampling)
         texts = [self._decode(result) for result in results]
         return [texts[index * k : (index + 1) * k] for index in range(len(prompts))]
