@@ -46,9 +46,9 @@ def _megatron_generates(args, prompts: torch.Tensor) -> dict:
 
     from megatron_tropd.models import build_gpt_model
     from megatron_tropd.placed import PlacedModel
-    from megatron_tropd.platform import enable_cpu_mode
     from megatron_tropd.rollout import GenerationRequest, SamplingParams
     from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
+    from megatron_tropd.runtime import enable_cpu_mode
     from megatron_tropd.topology import ParallelLayout, build_topology
 
     enable_cpu_mode()
@@ -82,7 +82,7 @@ def _hf_generate(args, prompts: torch.Tensor):
     """Build the same-shape HF Qwen2 (random weights); return a function that generates the batch once."""
     import transformers
 
-    from megatron_tropd.platform import default_device
+    from megatron_tropd.runtime import default_device
 
     device = default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as build_gpt_model chooses

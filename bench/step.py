@@ -43,7 +43,7 @@ def _build(args, tensor_parallel):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_tropd.placed import place_model
-    from megatron_tropd.platform import enable_cpu_mode
+    from megatron_tropd.runtime import enable_cpu_mode
     from megatron_tropd.topology import ParallelLayout, build_topology
     from megatron_tropd.training import build_student
 
@@ -69,7 +69,7 @@ def _timed(fn):
 
 
 def bench_worker(rank, world_size, args, tensor_parallel):
-    from megatron_tropd.platform import default_device
+    from megatron_tropd.runtime import default_device
     from megatron_tropd.scoring import ScoringSpec, score_batch
     from megatron_tropd.training import batch_context, train_step
 

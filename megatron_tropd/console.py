@@ -48,11 +48,11 @@ KNOWN_WARNINGS = (
         UserWarning, r"full scope is deprecated", r"megatron\.core\.transformer\.transformer_config"
     ),
     # The distributed optimizer's zero_grad asks its shard views for .grad; under the CPU mode the access
-    # is attributed to platform's torch-function hook.
+    # is attributed to runtime's torch-function hook.
     KnownWarning(
         UserWarning,
         r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
-        r"(megatron\.core\.optimizer\.optimizer|megatron_tropd\.platform)",
+        r"(megatron\.core\.optimizer\.optimizer|megatron_tropd\.runtime)",
     ),
     # megatron-core's gradient buffers call the collectives torch renamed.
     KnownWarning(
@@ -69,7 +69,7 @@ KNOWN_WARNINGS = (
     KnownWarning(
         FutureWarning,
         r"Please use DTensor instead and we are deprecating ShardedTensor",
-        r"(megatron\.core\.dist_checkpointing\.|torch\.distributed\.|megatron_tropd\.platform)",
+        r"(megatron\.core\.dist_checkpointing\.|torch\.distributed\.|megatron_tropd\.runtime)",
     ),
 )
 

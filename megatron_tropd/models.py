@@ -47,7 +47,7 @@ from megatron_tropd.model_config import (  # re-exported: the shapes live torch-
     require_megatron_rope,
     tiny,
 )
-from megatron_tropd.platform import default_device
+from megatron_tropd.runtime import default_device
 
 if TYPE_CHECKING:  # megatron is imported lazily at run time (see the module docstring)
     from megatron.core.models.gpt.gpt_model import GPTModel

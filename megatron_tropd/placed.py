@@ -63,7 +63,7 @@ def one_model_groups(tensor_parallel: int, pipeline_parallel: int, seed: int) ->
     Megatron's RNG tracker seeded (attention forks it even with dropout 0). Collective."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_tropd.platform import enable_cpu_mode
+    from megatron_tropd.runtime import enable_cpu_mode
     from megatron_tropd.topology import ParallelLayout, build_topology
 
     enable_cpu_mode()  # a no-op on GPU machines

@@ -18,6 +18,7 @@ The contract (``slurm/tropd_8node.sh`` and ``recipes/launch.py`` rely on it):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -25,12 +26,14 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import ClassVar
 
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 """Slurm's pre-emption / time-limit warning (``--signal=USR1``), and what scancel / requeue send."""
+_HELPER_SIGNALS = frozenset({*STOP_SIGNALS, signal.SIGINT})
 REQUEUE_EXIT_CODE = 75
 """Exit status of every rank that stopped on a signal after saving: resume me (``EX_TEMPFAIL``)."""
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -100,8 +103,23 @@ def set_parent_death_signal(signum: int = signal.SIGKILL) -> bool:
 def ignore_stop_signals_in_helper() -> None:
     """Initializer of a rank's helper process: ignore the stop signals and Ctrl-C, die with the rank.
 
-    The rank decides when to stop; its helpers must outlive the signal so the final save completes.
+    The rank decides when to stop; its helpers must outlive the signal so the final save completes. A
+    helper started inside ``stop_signals_held`` has them blocked until here: ignoring them discards any
+    that arrived meanwhile, then they are unblocked.
     """
-    for signum in (*STOP_SIGNALS, signal.SIGINT):
+    for signum in _HELPER_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELPER_SIGNALS)
     set_parent_death_signal(signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Block the stop signals and Ctrl-C in this thread while a helper process starts: the helper begins
+    with them blocked, so none can end it before it ignores them, and one this process gets meanwhile
+    waits for the unblock instead of being lost."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELPER_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_tropd.platform import shutdown_distributed
+from megatron_tropd.runtime import shutdown_distributed
 from megatron_tropd.signals import set_parent_death_signal
 
 

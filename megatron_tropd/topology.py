@@ -172,7 +172,7 @@ def _student_groups(layout: ParallelLayout, world_size: int, rank: int) -> Model
 def build_topology(student: ParallelLayout, teacher: ParallelLayout) -> Topology:
     """Build both models' groups on the initialised default process group (collective on all ranks)."""
     if not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialised: call platform.init_distributed() first")
+        raise RuntimeError("torch.distributed is not initialised: call runtime.init_distributed() first")
     world_size, rank = dist.get_world_size(), dist.get_rank()
     teacher_dp = teacher.data_parallel(world_size, "teacher")  # check both before creating any group
     student_groups = _student_groups(student, world_size, rank)

@@ -29,13 +29,13 @@ from megatron_tropd.console import configure_console
 from megatron_tropd.data import Prompt, PromptSampler, Tokenizer, load_run_prompts, run_tokenizer
 from megatron_tropd.guidance import draw_prefix_lengths, guided_samples_per_prompt, max_prefix_length
 from megatron_tropd.metrics_log import MetricsLog
-from megatron_tropd.platform import default_device
 from megatron_tropd.rollout.engine import (
     GenerationRequest,
     SamplingParams,
     to_rollout_batch,
 )
 from megatron_tropd.rollout.text import generate_data_parallel
+from megatron_tropd.runtime import default_device
 from megatron_tropd.signals import StopSignals
 
 if TYPE_CHECKING:  # the evaluation modules load only when eval.interval > 0; Megatron only at setup
@@ -210,7 +210,7 @@ def _resume(checkpoint: CheckpointConfig, root: Path, student) -> LoopState:
 
 def setup(config: RunConfig) -> tuple[Job, LoopState]:
     """Start the process group, build both models and the data, and resume when a checkpoint exists."""
-    from megatron_tropd.platform import enable_cpu_mode, init_distributed, set_seed
+    from megatron_tropd.runtime import enable_cpu_mode, init_distributed, set_seed
 
     info = init_distributed()
     config.validate(info.world_size)
@@ -375,7 +375,7 @@ def run(config: RunConfig) -> list[dict]:
 
     Returns the step records this process wrote (on the reporting rank; empty elsewhere).
     """
-    from megatron_tropd.platform import shutdown_distributed
+    from megatron_tropd.runtime import shutdown_distributed
 
     configure_console()  # rank 0's INFO lines; python -m megatron_tropd.train has called it already
     stop = StopRequest()  # before the models exist: a signal during set-up waits for the first step

@@ -8,7 +8,7 @@ from megatron_tropd.batch import RolloutBatch
 from megatron_tropd.config import MethodConfig, OptimConfig
 from megatron_tropd.models import tiny
 from megatron_tropd.placed import place_model
-from megatron_tropd.platform import enable_cpu_mode
+from megatron_tropd.runtime import enable_cpu_mode
 from megatron_tropd.scoring import ScoringSpec, score_batch
 from megatron_tropd.topology import ParallelLayout, build_topology
 from megatron_tropd.training import batch_context, build_student, train_step

@@ -27,7 +27,7 @@ def build_tiny_model(tensor_parallel: int = 1, pipeline_parallel: int = 1):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_tropd.models import build_gpt_model, tiny
-    from megatron_tropd.platform import enable_cpu_mode
+    from megatron_tropd.runtime import enable_cpu_mode
     from megatron_tropd.topology import ParallelLayout, build_topology
 
     enable_cpu_mode()

@@ -57,8 +57,8 @@ def _stepwise_error(engine, model, groups, tokens: torch.Tensor) -> float | None
 def _decoder_worker(rank: int, world_size: int, tensor_parallel: int, pipeline_parallel: int) -> dict:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_tropd.platform import enable_cpu_mode
     from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
+    from megatron_tropd.runtime import enable_cpu_mode
     from megatron_tropd.topology import ParallelLayout, build_topology
 
     enable_cpu_mode()

@@ -86,7 +86,7 @@ KNOWN = [
         UserWarning,
         "megatron.core.transformer.transformer_config",
     ),
-    (GRAD_MESSAGE, UserWarning, "megatron_tropd.platform"),
+    (GRAD_MESSAGE, UserWarning, "megatron_tropd.runtime"),
     (GRAD_MESSAGE, UserWarning, "megatron.core.optimizer.optimizer"),
     (
         "`torch.distributed.reduce_scatter_tensor` is deprecated. Please use "
@@ -108,7 +108,7 @@ KNOWN = [
     (
         "Please use DTensor instead and we are deprecating ShardedTensor.",
         FutureWarning,
-        "megatron_tropd.platform",
+        "megatron_tropd.runtime",
     ),
 ]
 UNRELATED = [

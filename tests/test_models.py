@@ -416,7 +416,7 @@ def layouts_worker(rank: int, world_size: int) -> dict:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_tropd.platform import enable_cpu_mode
+    from megatron_tropd.runtime import enable_cpu_mode
 
     enable_cpu_mode()
     single = _single_rank_collection(rank, world_size)

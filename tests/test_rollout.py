@@ -127,8 +127,8 @@ def _generation_worker(rank: int, world_size: int, tensor_parallel: int, pipelin
 
     from megatron_tropd.models import build_gpt_model, tiny
     from megatron_tropd.placed import PlacedModel
-    from megatron_tropd.platform import enable_cpu_mode
     from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
+    from megatron_tropd.runtime import enable_cpu_mode
     from megatron_tropd.topology import ParallelLayout, build_topology
 
     enable_cpu_mode()

@@ -178,3 +178,40 @@ def test_checkpoint_writer_helper_survives_stop_signals():
     assert result.returncode == 0 and result.stdout.strip() == "written", result.stderr
     plain = _signal_helper("plain")  # the writer's default helper dies of the same signals
     assert plain.returncode != 0 and "written" not in plain.stdout
+
+
+def _late_helper(held: bool) -> int:
+    """Fork a helper that takes 0.5 s to reach ``ignore_stop_signals_in_helper`` and signal it at once,
+    as Slurm may right after a save starts its writer; its exit status (0: it survived)."""
+    from megatron_tropd.signals import ignore_stop_signals_in_helper, stop_signals_held
+
+    def start() -> int:
+        pid = os.fork()
+        if pid == 0:  # the helper
+            time.sleep(0.5)
+            ignore_stop_signals_in_helper()
+            time.sleep(0.2)  # a signal still pending when it was unblocked would end it here
+            os._exit(0)
+        return pid
+
+    if held:
+        with stop_signals_held():
+            pid = start()
+    else:
+        pid = start()
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        os.kill(pid, signum)
+    return os.waitpid(pid, 0)[1]
+
+
+def test_a_helper_started_with_the_stop_signals_held_survives_them_before_its_initializer():
+    original = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        for signum in original:  # the default: what a helper has before its initializer ran
+            signal.signal(signum, signal.SIG_DFL)
+        assert _late_helper(held=True) == 0
+        assert os.WIFSIGNALED(_late_helper(held=False))  # the race the hold closes
+        assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])  # this process's mask is restored
+    finally:
+        for signum, handler in original.items():
+            signal.signal(signum, handler)

@@ -153,7 +153,7 @@ def test_loop_trains_logs_checkpoints_and_resumes_exactly(tmp_path):
 def every_method_worker(rank, world_size, config, steps):
     """Build the job once, then train ``steps`` steps of each method on it (one spawn for all methods)."""
     from megatron_tropd import trainer
-    from megatron_tropd.platform import shutdown_distributed
+    from megatron_tropd.runtime import shutdown_distributed
 
     job, _ = trainer.setup(config)
     records = {}
@@ -199,7 +199,7 @@ def test_every_method_trains_two_steps_with_finite_metrics(tmp_path):
 def precision_worker(rank, world_size, config):
     """The dtypes each model is built in, the optimizer's main weights, and one step's loss."""
     from megatron_tropd import trainer
-    from megatron_tropd.platform import shutdown_distributed
+    from megatron_tropd.runtime import shutdown_distributed
 
     job, _ = trainer.setup(config)
     try:

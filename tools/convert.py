@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace, world_size: int):
 
     job, job_args = _job(args)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun / srun
-        from megatron_tropd.platform import init_distributed, shutdown_distributed
+        from megatron_tropd.runtime import init_distributed, shutdown_distributed
 
         info = init_distributed()
         try:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_tropd.checkpoint.errors import CheckpointError
+from megatron_tropd.signals import ignore_stop_signals_in_helper, stop_signals_held
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,8 @@ def _staged(write_buckets: list) -> list:
 
 
 def _write_in_helper(write: Callable[..., None], *args: Any, **kwargs: Any) -> None:
-    """Entry point of the forked writer: out of the stop signals' way, dying with its rank."""
-    from megatron_tropd.signals import ignore_stop_signals_in_helper
-
+    """Entry point of the forked writer: out of the stop signals' way, dying with its rank (it is forked
+    inside ``stop_signals_held``, so none of them can reach it before this)."""
     ignore_stop_signals_in_helper()
     write(*args, **kwargs)
 
@@ -76,7 +76,8 @@ def start_background_save(request: Any, step_dir: Path, finish: Callable[[], Non
     if _pending is not None:
         raise CheckpointError(f"a background save of {_pending.step_dir} is pending: finalize it first")
     calls = AsyncCallsQueue(persistent=False)
-    calls.schedule_async_request(_staged_request(request))
+    with stop_signals_held():
+        calls.schedule_async_request(_staged_request(request))
     _pending = _PendingSave(calls, step_dir, finish)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_tropd.platform import default_device
+from megatron_tropd.runtime import default_device
 
 logger = logging.getLogger(__name__)
 

@@ -137,11 +137,12 @@ def signal_safe_save_strategy() -> Any:
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from megatron_tropd.signals import ignore_stop_signals_in_helper
+    from megatron_tropd.signals import ignore_stop_signals_in_helper, stop_signals_held
 
     if filesystem_async._results_queue is None:  # the writer's own lazily made queue, made our way
         manager = SyncManager(ctx=torch.multiprocessing.get_context("spawn"))
-        manager.start(initializer=ignore_stop_signals_in_helper)
+        with stop_signals_held():  # the mask survives the spawn: no signal reaches it before its initializer
+            manager.start(initializer=ignore_stop_signals_in_helper)
         filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
     return get_default_save_sharded_strategy()
 

@@ -145,7 +145,7 @@ def pretrain(
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_tropd.placed import one_model_groups
-    from megatron_tropd.platform import set_seed
+    from megatron_tropd.runtime import set_seed
 
     groups = one_model_groups(1, 1, seed=specs[0].seed)
     tokenizer, results = Tokenizer(tokenizer_path), []

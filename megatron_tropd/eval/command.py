@@ -163,7 +163,7 @@ def _evaluate(args: argparse.Namespace):
     """The report on rank 0 (None on the other launched ranks)."""
     job_args = (args.checkpoint, args.tokenizer, args.benchmarks, _evaluation_options(args))
     if _launched() or not args.cpu_ranks:
-        from megatron_tropd.platform import init_distributed, shutdown_distributed
+        from megatron_tropd.runtime import init_distributed, shutdown_distributed
 
         info = init_distributed()
         try:

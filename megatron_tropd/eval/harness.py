@@ -242,7 +242,7 @@ def _require_distributed() -> None:
     if not dist.is_initialized():
         raise RuntimeError(
             "evaluate_checkpoint is collective: run it under torchrun, through tools/evaluate.py (which can "
-            "spawn local ranks), or call megatron_tropd.platform.init_distributed() first"
+            "spawn local ranks), or call megatron_tropd.runtime.init_distributed() first"
         )
 
 

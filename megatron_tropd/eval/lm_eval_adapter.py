@@ -53,8 +53,8 @@ from tqdm import tqdm
 from megatron_tropd.data import Tokenizer
 from megatron_tropd.ops import vocab_parallel_token_stats, vocab_parallel_topk
 from megatron_tropd.placed import PlacedModel
-from megatron_tropd.platform import default_device, init_distributed
 from megatron_tropd.rollout.engine import GenerationRequest, SamplingParams
+from megatron_tropd.runtime import default_device, init_distributed
 from megatron_tropd.scoring import forward_signals
 
 logger = logging.getLogger(__name__)

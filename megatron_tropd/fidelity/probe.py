@@ -87,9 +87,9 @@ def probe_worker(
     quiet_worker()  # before Megatron is imported
     from megatron_tropd.data import Tokenizer
     from megatron_tropd.placed import one_model_groups, place_model
-    from megatron_tropd.platform import set_seed
     from megatron_tropd.rollout.engine import GenerationRequest, SamplingParams
     from megatron_tropd.rollout.text import generate_data_parallel
+    from megatron_tropd.runtime import set_seed
 
     set_seed(seed)
     groups = one_model_groups(1, 1, seed)

@@ -317,7 +317,7 @@ def _require_distributed() -> None:
     if not dist.is_initialized():
         raise RuntimeError(
             "conversion is collective: run it under torchrun or through tools/convert.py (which spawns the "
-            "ranks), or call megatron_tropd.platform.init_distributed() first"
+            "ranks), or call megatron_tropd.runtime.init_distributed() first"
         )
 
 
@@ -694,7 +694,7 @@ def _forward_step(data_iterator, model):
 def _megatron_logits(placed: PlacedModel, tokens: torch.Tensor) -> torch.Tensor | None:
     """Full-vocabulary fp32 CPU logits ``[B, S, vocab_size]`` on the last PP stage, None elsewhere."""
     from megatron_tropd.pipeline import run_microbatches
-    from megatron_tropd.platform import default_device
+    from megatron_tropd.runtime import default_device
 
     tokens = tokens.to(default_device())
     outputs = run_microbatches(

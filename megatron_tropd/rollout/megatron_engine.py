@@ -39,16 +39,19 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from megatron_tropd.config import DECODERS
 from megatron_tropd.ops.trust import trust_uniform
-from megatron_tropd.placed import PlacedModel
-from megatron_tropd.platform import cpu_mode_suspended, default_device
 from megatron_tropd.rollout.decoder import CachedDecoder, unsupported_reason
 from megatron_tropd.rollout.engine import GenerationRequest, GenerationResult, SamplingParams
+from megatron_tropd.runtime import cpu_mode_suspended, default_device
+
+if TYPE_CHECKING:  # placed.PlacedModel.engine builds this engine: a run-time import would be a cycle
+    from megatron_tropd.placed import PlacedModel
 
 logger = logging.getLogger(__name__)
 

@@ -31,13 +31,13 @@ def _setup_megatron(tp: int = 1, pp: int = 1, seed: int = 1234):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_tropd import platform
+    from megatron_tropd import runtime
 
-    platform.init_distributed()
-    platform.enable_cpu_mode()
+    runtime.init_distributed()
+    runtime.enable_cpu_mode()
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    platform.set_seed(seed)  # the CPU stream drives use_cpu_initialization: same full weights for any TP
+    runtime.set_seed(seed)  # the CPU stream drives use_cpu_initialization: same full weights for any TP
     model_parallel_cuda_manual_seed(seed)  # works only with CPU mode's RNG tracker
 
 
@@ -138,9 +138,9 @@ def _global_grad_norm(model) -> float:
 
 def _tp_worker(rank: int, world_size: int) -> dict:
     """The same tiny GPT at TP=1 then TP=2 in the same processes: loss and global grad norm."""
-    from megatron_tropd import platform
+    from megatron_tropd import runtime
 
-    info = platform.init_distributed()
+    info = runtime.init_distributed()
     batch = _microbatches(seed=0, count=1)[0]
     results = {"info": info}
     for tp in (1, 2):
@@ -149,7 +149,7 @@ def _tp_worker(rank: int, world_size: int) -> dict:
         loss = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
         loss.mean().backward()
         results[tp] = {"loss": float(loss.mean()), "grad_norm": _global_grad_norm(model)}
-    platform.shutdown_distributed()
+    runtime.shutdown_distributed()
     return results
 
 
@@ -170,7 +170,7 @@ def _pp_worker(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_tropd import platform
+    from megatron_tropd import runtime
 
     batches = _microbatches(seed=1, count=NUM_MICROBATCHES)
     _setup_megatron(pp=2)
@@ -191,7 +191,7 @@ def _pp_worker(rank: int, world_size: int) -> dict:
     full.load_state_dict(full_weights, strict=True)
     full_losses = _run_schedule(full, batches, forward_only=False)
     full_grads = {n: p.grad.detach().clone() for n, p in full.named_parameters()}
-    platform.shutdown_distributed()
+    runtime.shutdown_distributed()
     return {
         "pipelined_losses": gathered[1][0],  # the last stage holds the losses
         "first_stage_losses": gathered[0][0],
@@ -243,7 +243,7 @@ def _distributed_optimizer_worker(rank: int, world_size: int, checkpoint_dir: st
     """DDP + DistributedOptimizer (Adam) at DP=2, then a dist-checkpointing save/load round trip."""
     import torch.distributed as dist
 
-    from megatron_tropd import platform
+    from megatron_tropd import runtime
 
     _setup_megatron()
     gpt = _tiny_gpt(tp=1, pp=1, num_layers=2)
@@ -270,7 +270,7 @@ def _distributed_optimizer_worker(rank: int, world_size: int, checkpoint_dir: st
     dist.all_gather(replicas, checksum)
     restored_bitwise = _checkpoint_round_trip(gpt, optimizer, checkpoint_dir)
     loss_restored = eval_loss()
-    platform.shutdown_distributed()
+    runtime.shutdown_distributed()
     # get_megatron_optimizer wraps its per-param-group optimizers in a ChainedOptimizer.
     sub_optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
     return {
@@ -296,7 +296,7 @@ def _cpu_mode_toggle_worker(rank: int, world_size: int) -> dict:
     from megatron.core import utils as megatron_utils
     from megatron.core.tensor_parallel import random as megatron_random
 
-    from megatron_tropd import platform
+    from megatron_tropd import runtime
 
     originals = {
         "current_device": torch.cuda.current_device,
@@ -305,10 +305,10 @@ def _cpu_mode_toggle_worker(rank: int, world_size: int) -> dict:
         "get_tensor": megatron_utils.GlobalMemoryBuffer.get_tensor,
         "tracker_class": megatron_random.CudaRNGStatesTracker,
     }
-    checks = {"enabled_first": platform.enable_cpu_mode(), "flag_on": platform.cpu_mode_enabled()}
+    checks = {"enabled_first": runtime.enable_cpu_mode(), "flag_on": runtime.cpu_mode_enabled()}
     tracker = megatron_random.get_cuda_rng_tracker()
     stub = torch.cuda.current_device
-    checks["enabled_again"] = platform.enable_cpu_mode()
+    checks["enabled_again"] = runtime.enable_cpu_mode()
     stack = torch.overrides._get_current_function_mode_stack()
     checks["modes_on_stack"] = sum(type(mode).__name__ == "_CudaToCpuFunctionMode" for mode in stack)
     checks["same_stub_and_tracker"] = (
@@ -322,7 +322,7 @@ def _cpu_mode_toggle_worker(rank: int, world_size: int) -> dict:
     checks["buffer_device"] = (
         megatron_utils.GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "x").device.type
     )
-    with platform.cpu_mode_suspended():  # no interception inside: a "cuda" placement is refused again
+    with runtime.cpu_mode_suspended():  # no interception inside: a "cuda" placement is refused again
         checks["suspended_alloc"] = _cuda_allocation()
     checks["resumed_alloc"] = _cuda_allocation()
 
@@ -341,9 +341,9 @@ def _cpu_mode_toggle_worker(rank: int, world_size: int) -> dict:
     checks["fork_reproducible"] = torch.equal(inside_first, inside_again)
     checks["outer_stream_untouched"] = torch.equal(outer, expected_outer)
 
-    platform.disable_cpu_mode()
-    platform.disable_cpu_mode()  # second call is a no-op
-    checks["flag_off"] = platform.cpu_mode_enabled()
+    runtime.disable_cpu_mode()
+    runtime.disable_cpu_mode()  # second call is a no-op
+    checks["flag_off"] = runtime.cpu_mode_enabled()
     checks["restored"] = {
         "current_device": torch.cuda.current_device is originals["current_device"],
         "synchronize": torch.cuda.synchronize is originals["synchronize"],
@@ -355,14 +355,14 @@ def _cpu_mode_toggle_worker(rank: int, world_size: int) -> dict:
     checks["cuda_alloc_after_disable"] = _cuda_allocation()
 
     # Without launcher variables init_distributed starts a single-process gloo group by itself.
-    platform.shutdown_distributed()
+    runtime.shutdown_distributed()
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(name, None)
-    first, second = platform.init_distributed(), platform.init_distributed()
+    first, second = runtime.init_distributed(), runtime.init_distributed()
     summed = torch.ones(1)
     torch.distributed.all_reduce(summed)
     checks["single_process"] = (first, second == first, float(summed))
-    platform.shutdown_distributed()
+    runtime.shutdown_distributed()
     return checks
 
 
@@ -370,24 +370,24 @@ def _gpu_start_up_worker(rank: int, world_size: int) -> dict:
     """On a GPU: launcher-less init picks nccl and the GPU; enable_cpu_mode touches nothing."""
     import torch.distributed as dist
 
-    from megatron_tropd import platform
+    from megatron_tropd import runtime
 
-    platform.shutdown_distributed()  # the spawn helper started gloo; start as a user script would
+    runtime.shutdown_distributed()  # the spawn helper started gloo; start as a user script would
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(name, None)
     current_device = torch.cuda.current_device
-    info = platform.init_distributed()
-    enabled = platform.enable_cpu_mode()
-    summed = torch.ones(2, device=platform.default_device())
+    info = runtime.init_distributed()
+    enabled = runtime.enable_cpu_mode()
+    summed = torch.ones(2, device=runtime.default_device())
     dist.all_reduce(summed)
     checks = {
         "info": info,
-        "default_device": platform.default_device(),
+        "default_device": runtime.default_device(),
         "enabled": enabled,
-        "untouched": torch.cuda.current_device is current_device and not platform.cpu_mode_enabled(),
+        "untouched": torch.cuda.current_device is current_device and not runtime.cpu_mode_enabled(),
         "summed_device": summed.device.type,
     }
-    platform.shutdown_distributed()
+    runtime.shutdown_distributed()
     return checks
 
 
@@ -471,15 +471,15 @@ def test_gpu_start_up_uses_nccl_and_leaves_cuda_alone():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")
 def test_init_distributed_refuses_bad_launch_settings(monkeypatch):
-    from megatron_tropd import platform
+    from megatron_tropd import runtime
 
     if torch.distributed.is_initialized():
         pytest.skip("this process already runs a process group")
     with pytest.raises(ValueError, match="use backend='gloo'"):
-        platform.init_distributed(backend="nccl")
+        runtime.init_distributed(backend="nccl")
     monkeypatch.setenv("WORLD_SIZE", "2")
     for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="launch with torchrun"):
-        platform.init_distributed()
+        runtime.init_distributed()
     assert not torch.distributed.is_initialized()
