@@ -319,7 +319,7 @@ class StopRequest:
 def train_one_step(job: Job, step: int) -> dict:
     """Rollout -> score -> trust draw -> (updates_per_batch) optimizer updates; returns the step's log."""
     from megatron_tropd.scoring import ScoringSpec, score_batch
-    from megatron_tropd.training import batch_context, train_step
+    from megatron_tropd.training import batch_context
 
     config = job.config
     started = time.perf_counter()
@@ -332,7 +332,7 @@ def train_one_step(job: Job, step: int) -> dict:
     )
     scored_at = time.perf_counter()
     for _ in range(config.optim.updates_per_batch):
-        result = train_step(job.student, scored, config.method, context)
+        result = job.student.train_step(scored, config.method, context)
         _count_nonfinite(job, step, result.nonfinite_skipped, batch)
     trained = time.perf_counter()
     tokens = int(batch.loss_mask.sum())

@@ -53,6 +53,10 @@ class Student:
         """The student on its layout; its forward passes go through the DDP wrapper."""
         return PlacedModel(self.module, self.groups, self.model_config, runner=self.model)
 
+    def train_step(self, batch: RolloutBatch, method: MethodConfig, context: MethodContext) -> StepResult:
+        """One optimizer update on this rank's rows of a scored rollout batch (``train_step``)."""
+        return train_step(self, batch, method, context)
+
 
 @dataclass
 class StepResult:

@@ -225,19 +225,3 @@ def _load_entry(directory: Path, name: str, entry: dict) -> Benchmark:
             "only instruction-following benchmarks have a loose score"
         )
     return replace(benchmark, loose=loose)
-
-
-def item_to_row(item: Item, family: str) -> dict[str, Any]:
-    """The JSONL row of an item (inverse of :func:`parse_item`)."""
-    row: dict[str, Any] = {"id": item.id}
-    if family == "multiple_choice":
-        return {**row, "question": item.prompt, "options": list(item.options), "answer": item.answer}
-    row["prompt"] = item.prompt
-    if family == "math":
-        row["answer"] = item.answer
-    elif family == "code":
-        row["tests"] = [{"input": t.input, "output": t.output} for t in item.tests]
-        row.update({k: v for k, v in (("entry", item.entry), ("timeout_seconds", item.timeout_seconds)) if v})
-    else:
-        row["constraints"] = [{"type": c.type, "kwargs": c.kwargs} for c in item.constraints]
-    return row
