@@ -68,7 +68,7 @@ def _run_version(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(
-        help="distil a student on the built-in task on 2 CPU processes (~6 min); `tropd demo --help`",
+        help="distil a student on the built-in task on 2 CPU processes (2-6 min); `tropd demo --help`",
         add_arguments=_no_arguments,
         run=_run_demo,
         forwards_argv=True,
