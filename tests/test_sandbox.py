@@ -61,14 +61,16 @@ def test_fork_bomb_is_contained_and_reaped():
     assert _sandbox_uid_processes() <= before  # the whole process group was killed
 
 
+# Forks until the process cap refuses; children sleep so they stay counted; prints how many forks succeeded.
+FORK_COUNTER = (
+    "import os, time\ncount = 0\nwhile count < 100:\n    try:\n        pid = os.fork()\n"
+    "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n"
+    "    count += 1\nprint(count)"
+)
+
+
 def test_process_count_is_capped():
-    # Children sleep so they stay counted; the parent reports how many forks succeeded.
-    counter = (
-        "import os, time\ncount = 0\nwhile count < 100:\n    try:\n        pid = os.fork()\n"
-        "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n"
-        "    count += 1\nprint(count)"
-    )
-    result = run_program(counter, "", LIMITS)
+    result = run_program(FORK_COUNTER, "", LIMITS)
     assert result.ok, result.reason
     assert int(result.stdout) < LIMITS.max_processes
 

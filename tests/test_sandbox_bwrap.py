@@ -19,6 +19,7 @@ import pytest
 
 from megatron_tropd.eval import sandbox
 from megatron_tropd.eval.sandbox import SandboxLimits, isolation, network_isolation, run_program
+from tests.test_sandbox import FORK_COUNTER
 
 LIMITS = SandboxLimits(cpu_seconds=2, wall_seconds=5.0, memory_bytes=256 << 20, max_processes=8)
 LAYERS = isolation()
@@ -146,12 +147,7 @@ def test_limits_and_statuses_read_as_without_bwrap():
     assert "SIGXCPU" in result.reason
     result = run_program("import sys\nsys.exit(3)", "", LIMITS)
     assert result.returncode == 3
-    counter = (
-        "import os, time\ncount = 0\nwhile count < 100:\n    try:\n        pid = os.fork()\n"
-        "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n"
-        "    count += 1\nprint(count)"
-    )
-    result = run_program(counter, "", LIMITS)
+    result = run_program(FORK_COUNTER, "", LIMITS)
     assert result.ok, result.reason
     forks = int(result.stdout)
     assert LIMITS.max_processes - 3 <= forks < LIMITS.max_processes  # bwrap's own processes do not count

@@ -69,12 +69,17 @@ QUICK = DemoSize(
 )  # fmt: skip
 
 
-def model_configs() -> tuple[ModelConfig, ModelConfig]:
+def model_pair(vocab_size: int, max_positions: int) -> tuple[ModelConfig, ModelConfig]:
     """(teacher, student): the student has half the teacher's depth and three quarters of its width."""
-    common = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=PROMPT_TOKENS + RESPONSE_TOKENS + 8)
+    common = dict(vocab_size=vocab_size, max_position_embeddings=max_positions)
     teacher = tiny("qwen2", num_layers=4, hidden_size=128, ffn_hidden_size=384, **common)
     student = tiny("qwen2", num_layers=2, hidden_size=96, ffn_hidden_size=288, **common)
     return teacher, student
+
+
+def model_configs() -> tuple[ModelConfig, ModelConfig]:
+    """The demo's (teacher, student), with room for a prompt, a response and a few spare positions."""
+    return model_pair(VOCAB_SIZE, PROMPT_TOKENS + RESPONSE_TOKENS + 8)
 
 
 @dataclass(frozen=True)
@@ -159,7 +164,7 @@ def distill_config(method: str, files: DemoFiles, size: DemoSize, seed: int) -> 
     ).resolved()  # fmt: skip
 
 
-def _distill_worker(rank: int, world_size: int, config: RunConfig) -> list[dict]:
+def distill_worker(rank: int, world_size: int, config: RunConfig) -> list[dict]:
     from megatron_tropd.demo.pretrain import quiet_worker
 
     quiet_worker()  # before the trainer imports Megatron
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = {"prepare_and_pretrain": time.perf_counter() - started}
     for method in methods:
         method_started = time.perf_counter()
-        run_on_ranks(_distill_worker, WORLD_SIZE, distill_config(method, files, size, args.seed))
+        run_on_ranks(distill_worker, WORLD_SIZE, distill_config(method, files, size, args.seed))
         timings[method] = time.perf_counter() - method_started
     timings["total"] = time.perf_counter() - started
     paths = write_demo_report(root, methods, models, size.k, timings, quick=args.quick)

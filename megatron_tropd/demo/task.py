@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import operator
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_VALUE = 20
@@ -93,11 +94,18 @@ def noisy_response(problem: Problem, rng: random.Random, skip_rate: float, slip_
     return _chain(problem.start, problem.steps, values)
 
 
-def problems(seed: int, count: int, exclude: set[str] = frozenset()) -> list[Problem]:
-    """``count`` distinct problems whose prompts are not in ``exclude`` (to keep held-out data unseen)."""
+def problems(
+    seed: int,
+    count: int,
+    exclude: set[str] = frozenset(),
+    make: Callable[[random.Random], Problem] | None = None,
+) -> list[Problem]:
+    """``count`` distinct problems of ``make`` (default ``make_problem``) whose prompts are not in
+    ``exclude`` (to keep held-out data unseen)."""
+    make = make or make_problem
     rng, found, seen = random.Random(seed), [], set(exclude)
     while len(found) < count:
-        problem = make_problem(rng)
+        problem = make(rng)
         if problem.prompt not in seen:
             seen.add(problem.prompt)
             found.append(problem)

@@ -29,8 +29,9 @@ from megatron_tropd.config import (
 )
 from megatron_tropd.demo.prepare import write_heldout, write_prompts
 from megatron_tropd.demo.pretrain import HeldOutEvaluation, PretrainSpec
+from megatron_tropd.demo.run import DemoFiles, distill_worker, model_pair
 from megatron_tropd.fidelity import task
-from megatron_tropd.model_config import ModelConfig, tiny
+from megatron_tropd.model_config import ModelConfig
 
 logger = logging.getLogger("megatron_tropd.fidelity")
 
@@ -73,22 +74,9 @@ QUICK = StudySize(
 )  # fmt: skip
 
 
-def loss_name(method: str) -> str:
-    """The ``method.name`` a study row runs: ``fkl_outlier`` is TrOPD's loss without guidance, run as
-    ``tropd`` with ``rollout.guidance=false`` where the package has no ``fkl_outlier`` of its own."""
-    from megatron_tropd.config import METHOD_NAMES
-
-    if method == "fkl_outlier" and method not in METHOD_NAMES:
-        return "tropd"
-    return method
-
-
 def model_configs(size: StudySize) -> tuple[ModelConfig, ModelConfig]:
-    """(teacher, student): the student has half the teacher's depth and three quarters of its width."""
-    common = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=PROMPT_TOKENS + size.response_tokens + 8)
-    teacher = tiny("qwen2", num_layers=4, hidden_size=128, ffn_hidden_size=384, **common)
-    student = tiny("qwen2", num_layers=2, hidden_size=96, ffn_hidden_size=288, **common)
-    return teacher, student
+    """The demo's (teacher, student) shapes over this task's vocabulary and trace length."""
+    return model_pair(VOCAB_SIZE, PROMPT_TOKENS + size.response_tokens + 8)
 
 
 def write_tokenizer(directory: Path) -> Path:
@@ -108,26 +96,13 @@ def write_tokenizer(directory: Path) -> Path:
     return directory
 
 
-@dataclass(frozen=True)
-class SeedFiles:
-    root: Path
-    tokenizer: Path
-    prompts: Path
-    heldout: Path
-    teacher: Path
-    student: Path
-
-    def run_dir(self, method: str) -> Path:
-        return self.root / "runs" / method
-
-
-def prepare_data(root: Path, size: StudySize, seed: int) -> SeedFiles:
+def prepare_data(root: Path, size: StudySize, seed: int) -> DemoFiles:
     """Tokenizer, held-out benchmark and distillation prompts (held-out prompts excluded from training)."""
     root.mkdir(parents=True, exist_ok=True)
     heldout = task.problems(seed, size.heldout)
     train = task.problems(seed + 1, 2000, exclude={p.prompt for p in heldout})
     models = root / "models"
-    return SeedFiles(
+    return DemoFiles(
         root=root, tokenizer=write_tokenizer(root / "tokenizer"),
         prompts=write_prompts(root / "prompts.jsonl", train),
         heldout=write_heldout(root / "heldout", heldout),
@@ -139,7 +114,7 @@ def _rows_per_rank(size: StudySize) -> int:
     return size.prompts_per_step * size.samples_per_prompt // WORLD_SIZE
 
 
-def eval_settings(files: SeedFiles, size: StudySize, seed: int) -> HeldOutEvaluation:
+def eval_settings(files: DemoFiles, size: StudySize, seed: int) -> HeldOutEvaluation:
     settings = EvalSettings(
         samples_per_prompt=size.k, temperature=EVAL_TEMPERATURE, max_new_tokens=size.response_tokens,
         raw_prompts=True,
@@ -159,12 +134,12 @@ def pretrain_specs(size: StudySize, seed: int) -> list[PretrainSpec]:
     ]
 
 
-def distill_config(method: str, files: SeedFiles, size: StudySize, seed: int) -> RunConfig:
+def distill_config(method: str, files: DemoFiles, size: StudySize, seed: int) -> RunConfig:
     """One method's run: identical for every method except its loss and (explicitly) its guidance."""
     teacher, student = model_configs(size)
     return RunConfig(
         name=f"fidelity_{method}", student=student, teacher=teacher,
-        method=MethodConfig(name=loss_name(method), topk=TOPK),
+        method=MethodConfig(name=method, topk=TOPK),
         optim=OptimConfig(lr=5e-4, micro_batch_size=_rows_per_rank(size)),
         rollout=RolloutConfig(
             prompts_per_step=size.prompts_per_step, samples_per_prompt=size.samples_per_prompt,
@@ -185,15 +160,6 @@ def distill_config(method: str, files: SeedFiles, size: StudySize, seed: int) ->
         logging=LoggingConfig(tensorboard=False),
         train_steps=size.distill_steps, seed=seed,
     )  # fmt: skip
-
-
-def _distill_worker(rank: int, world_size: int, config: RunConfig) -> list[dict]:
-    from megatron_tropd.demo.pretrain import quiet_worker
-
-    quiet_worker()  # before the trainer imports Megatron
-    from megatron_tropd.trainer import run
-
-    return run(config)
 
 
 def teacher_writer_length(tokenizer_dir: Path, seed: int, count: int = 200) -> float:
@@ -224,7 +190,7 @@ def _run_seed(seed: int, root: Path, size: StudySize, methods: list[str]) -> dic
     logger.info("seed %d: teacher %.3f, student %.3f", seed, *(m["accuracy"] for m in models))
     for method in methods:
         method_started = time.perf_counter()
-        run_on_ranks(_distill_worker, WORLD_SIZE, distill_config(method, files, size, seed))
+        run_on_ranks(distill_worker, WORLD_SIZE, distill_config(method, files, size, seed))
         timings[method] = time.perf_counter() - method_started
         logger.info("seed %d: %s done in %.0f s", seed, method, timings[method])
     probe_started = time.perf_counter()

@@ -28,6 +28,8 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
+from megatron_tropd.demo import task as demo_task
+
 MAX_VALUE = 20
 STEPS = 3
 OPERANDS = range(1, 7)
@@ -40,21 +42,8 @@ FINAL = "Final answer:"
 
 
 @dataclass(frozen=True)
-class Problem:
-    start: int
-    steps: tuple[tuple[str, int], ...]  # (operation, operand), applied left to right
-
-    @property
-    def values(self) -> list[int]:
-        values, value = [], self.start
-        for operation, operand in self.steps:
-            value = OPERATIONS[operation](value, operand)
-            values.append(value)
-        return values
-
-    @property
-    def answer(self) -> int:
-        return self.values[-1]
+class Problem(demo_task.Problem):
+    """The demo's problem (its running values and answer), with each step labelled in the prompt."""
 
     @property
     def prompt(self) -> str:
@@ -80,13 +69,7 @@ def make_problem(rng: random.Random) -> Problem:
 
 def problems(seed: int, count: int, exclude: frozenset[str] | set[str] = frozenset()) -> list[Problem]:
     """``count`` distinct problems whose prompts are not in ``exclude`` (to keep held-out data unseen)."""
-    rng, found, seen = random.Random(seed), [], set(exclude)
-    while len(found) < count:
-        problem = make_problem(rng)
-        if problem.prompt not in seen:
-            seen.add(problem.prompt)
-            found.append(problem)
-    return found
+    return demo_task.problems(seed, count, exclude, make=make_problem)
 
 
 @lru_cache(maxsize=1)
