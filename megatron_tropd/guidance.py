@@ -2,8 +2,8 @@
 
 The maximum prefix length starts at the generation budget and anneals to 0 over training (cosine by
 default), so training ends fully on-policy. Each guided rollout draws ``l ~ U[0, min(L_max(step),
-len(teacher response))]`` from the same counter-based hash as the trust draw (keyed by seed, step and
-sample id), so every rank and every re-run after a resume cuts the same prefixes.
+len(teacher response))]`` from the prefix-length random stream (``ops/streams.py``: seed, step, sample
+id), so every rank and every re-run after a resume cuts the same prefixes.
 """
 
 from __future__ import annotations
@@ -12,10 +12,7 @@ import math
 
 import torch
 
-from megatron_tropd.ops import trust_uniform
-
-# Added to the seed so prefix draws are independent of the trust draws that use the same hash.
-_PREFIX_SEED_OFFSET = 0x5EED
+from megatron_tropd.ops.streams import Stream, stream_uniform
 
 
 def max_prefix_length(step: int, total_steps: int, max_new_tokens: int, schedule: str = "cosine") -> int:
@@ -43,7 +40,7 @@ def draw_prefix_lengths(
     if not sample_ids:
         return []
     ids = torch.tensor(sample_ids, dtype=torch.int64)
-    uniform = trust_uniform(seed + _PREFIX_SEED_OFFSET, step, ids, torch.zeros_like(ids))
+    uniform = stream_uniform(Stream.PREFIX_LENGTH, seed, ids, torch.zeros_like(ids), step=step)
     bounds = torch.tensor([min(limit, length) for length in response_lengths], dtype=torch.float64)
     return torch.floor(uniform * (bounds + 1)).to(torch.int64).clamp_max(bounds.to(torch.int64)).tolist()
 

@@ -262,3 +262,21 @@ def test_bad_input_names_the_problem():
         topk_forward_kl(torch.zeros(3, 2), torch.zeros(3, 2), "tail", torch.zeros(2))
     with pytest.raises(ValueError, match="tail_from = 3"):
         vocab_parallel_token_stats_with_tail(logits, torch.zeros(3, 2, dtype=torch.long), None, 10, 3)
+
+
+def test_random_streams_are_independent_and_keep_their_historical_keys():
+    """Each named stream draws its own numbers, and the trust stream is ``trust_uniform`` itself (a run
+    resumed on a newer release draws what the older release drew)."""
+    from megatron_tropd.ops.streams import Stream, stream_uniform
+
+    sample_ids = torch.arange(4000) // 40
+    index = torch.arange(4000) % 40
+    draws = {stream: stream_uniform(stream, 3, sample_ids, index, step=5) for stream in Stream}
+    assert torch.equal(draws[Stream.TRUST], trust_uniform(3, 5, sample_ids, index))
+    for first, second in [(Stream.TRUST, Stream.SAMPLING), (Stream.TRUST, Stream.PREFIX_LENGTH),
+                          (Stream.SAMPLING, Stream.PREFIX_LENGTH)]:  # fmt: skip
+        correlation = torch.corrcoef(torch.stack([draws[first], draws[second]]))[0, 1]
+        assert abs(correlation) < 0.05
+    # Sampling is independent of the step: a request draws the same tokens whichever step carries it.
+    assert torch.equal(stream_uniform(Stream.SAMPLING, 3, sample_ids, index, step=9), draws[Stream.SAMPLING])
+    assert not torch.equal(stream_uniform(Stream.TRUST, 3, sample_ids, index, step=9), draws[Stream.TRUST])

@@ -16,10 +16,9 @@ its first batch the engine compares the two decoders' prefill logits and keeps "
 * **PP > 1**: each step, stage ``i`` receives the hidden states ``[s, b, h]`` from stage ``i - 1``, runs
   its layers and sends them on; the last stage samples and broadcasts (token, log-prob) to its pipeline
   over ``groups.pp_group``.
-* **Randomness** is stateless: the uniform for a token is ``trust_uniform(seed, _SAMPLING_STREAM,
-  sample_id, position)`` (the counter-based hash of ``ops/trust.py`` on its own stream), turned into a
-  token by inverse-CDF sampling. So every rank draws the same token, a request's tokens do not depend on
-  the other requests in its batch, and re-runs reproduce exactly.
+* **Randomness** is stateless: the uniform for a token is the sampling stream's (``ops/streams.py``) at
+  (seed, sample id, position), turned into a token by inverse-CDF sampling. So every rank draws the same
+  token, a request's tokens do not depend on the other requests in its batch, and re-runs reproduce.
 * Padded vocabulary columns (``>= vocab_size``) are cut off before sampling, so they are never drawn.
 
 Megatron-Core versions, "megatron" decoder: written against 0.16.1 (``GPTModel.forward(...,
@@ -45,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tropd.config import DECODERS
-from megatron_tropd.ops.trust import trust_uniform
+from megatron_tropd.ops.streams import Stream, stream_uniform
 from megatron_tropd.rollout.decoder import CachedDecoder, unsupported_reason
 from megatron_tropd.rollout.engine import GenerationRequest, GenerationResult, SamplingParams
 from megatron_tropd.runtime import cpu_mode_suspended, default_device
@@ -58,9 +57,6 @@ logger = logging.getLogger(__name__)
 # Largest relative logit difference accepted between the two decoders (``_check_cached_decoder``): fp32
 # disagrees only in summation order; half precision rounds each layer's output (bf16: 8 mantissa bits).
 _DECODER_TOLERANCE = {torch.float32: 1e-4}
-
-# Stream id mixed into the sampling hash so sampling uniforms never coincide with the trust draw's.
-_SAMPLING_STREAM = 0x534D504C
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -90,7 +86,7 @@ def filter_logprobs(logprobs: torch.Tensor, top_k: int, top_p: float) -> torch.T
 def sampling_uniforms(seed: int, sample_ids: torch.Tensor, position: int) -> torch.Tensor:
     """``[b]`` float64 in (0, 1): a pure function of (seed, sample id, position of the drawn token)."""
     positions = torch.full_like(sample_ids, position)
-    return trust_uniform(seed, _SAMPLING_STREAM, sample_ids, positions)
+    return stream_uniform(Stream.SAMPLING, seed, sample_ids, positions)
 
 
 def sample_tokens(
