@@ -40,17 +40,12 @@ def synthetic_batch(num_sequences: int, seq_len: int, vocab_size: int, step: int
 
 
 def _build(args, tensor_parallel):
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
     from megatron_tropd.placed import place_model
-    from megatron_tropd.runtime import enable_cpu_mode
-    from megatron_tropd.topology import ParallelLayout, build_topology
+    from megatron_tropd.runtime import start
+    from megatron_tropd.topology import ParallelLayout
     from megatron_tropd.training import build_student
 
-    enable_cpu_mode()
-    layout = ParallelLayout(tensor_parallel, 1)
-    topology = build_topology(layout, layout)
-    model_parallel_cuda_manual_seed(1234)
+    topology = start(ParallelLayout(tensor_parallel, 1), seed=1234)
     student_config, teacher_config = getattr(shapes, args.student)(), getattr(shapes, args.teacher)()
     optim = OptimConfig(micro_batch_size=args.micro_batch_size)
     student = build_student(student_config, optim, topology.student, total_steps=args.steps + 1, seed=1)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_tropd.config import LoggingConfig, RunConfig
+from megatron_tropd.records import StepRecord
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,10 @@ class MetricsLog:
         if self.wandb_run is not None:
             self.wandb_run.log(numbers, step=record["step"])
         self._console(record)
+
+    def write_step(self, record: StepRecord) -> None:
+        """A training step's record (its ``row()``) to every sink."""
+        self.write(record.row())
 
     def write_eval(self, step: int, scores: dict[str, float]) -> None:
         """Evaluation scores at ``step`` as a record ``{"step": step, "eval/<name>": score, ...}``."""

@@ -58,19 +58,12 @@ class PlacedModel:
 
 
 def one_model_groups(tensor_parallel: int, pipeline_parallel: int, seed: int) -> ModelGroups:
-    """The start-up of a job that runs one model (evaluation, conversion, the demo's pre-training): CPU
-    mode where there is no GPU, the TP x PP layout over every rank (the rest data-parallel), and
-    Megatron's RNG tracker seeded (attention forks it even with dropout 0). Collective."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    """``runtime.start`` for a job that runs one model (evaluation, conversion, the demo's pre-training):
+    its TP x PP layout over every rank, the rest data-parallel. Collective."""
+    from megatron_tropd.runtime import start
+    from megatron_tropd.topology import ParallelLayout
 
-    from megatron_tropd.runtime import enable_cpu_mode
-    from megatron_tropd.topology import ParallelLayout, build_topology
-
-    enable_cpu_mode()  # a no-op on GPU machines
-    layout = ParallelLayout(tensor_parallel, pipeline_parallel)
-    groups = build_topology(layout, layout).student
-    model_parallel_cuda_manual_seed(seed)
-    return groups
+    return start(ParallelLayout(tensor_parallel, pipeline_parallel), seed=seed).student
 
 
 def place_model(

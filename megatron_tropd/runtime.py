@@ -71,6 +71,7 @@ __all__ = [
     "init_distributed",
     "set_seed",
     "shutdown_distributed",
+    "start",
 ]
 
 
@@ -196,6 +197,21 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def start(student_layout, teacher_layout=None, seed: int = 0):
+    """The model-side start-up of every job, once ``torch.distributed`` runs: CPU mode where there is no
+    GPU, the student's and teacher's process groups (``topology.Topology``; the teacher's layout is the
+    student's when None, for jobs that run one model), and Megatron's model-parallel RNG tracker seeded
+    (attention forks it even with dropout 0). Collective over every rank."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_tropd.topology import build_topology
+
+    enable_cpu_mode()  # a no-op on GPU machines
+    topology = build_topology(student_layout, teacher_layout or student_layout)
+    model_parallel_cuda_manual_seed(seed)
+    return topology
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from megatron_tropd.console import configure_console
 from megatron_tropd.data import Prompt, PromptSampler, Tokenizer, load_run_prompts, run_tokenizer
 from megatron_tropd.guidance import draw_prefix_lengths, guided_samples_per_prompt, max_prefix_length
 from megatron_tropd.metrics_log import MetricsLog
+from megatron_tropd.records import PhaseSeconds, StepRecord
 from megatron_tropd.rollout.engine import (
     GenerationRequest,
     SamplingParams,
@@ -100,20 +101,19 @@ class InTrainingEval:
 
 
 def _build_models(config: RunConfig):
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
     from megatron_tropd.checkpoint import load_model_weights
     from megatron_tropd.models import params_dtype_for
     from megatron_tropd.placed import place_model
-    from megatron_tropd.topology import ParallelLayout, build_topology
+    from megatron_tropd.runtime import start
+    from megatron_tropd.topology import ParallelLayout
     from megatron_tropd.training import build_student
 
     p = config.parallel
-    topology = build_topology(
+    topology = start(
         ParallelLayout(p.student_tensor_parallel, p.student_pipeline_parallel),
         ParallelLayout(p.teacher_tensor_parallel, p.teacher_pipeline_parallel),
+        seed=config.seed,
     )
-    model_parallel_cuda_manual_seed(config.seed)
     student = build_student(
         config.student, config.optim, topology.student, config.train_steps, config.seed,
         params_dtype=params_dtype_for(config.train.precision),
@@ -210,11 +210,10 @@ def _resume(checkpoint: CheckpointConfig, root: Path, student) -> LoopState:
 
 def setup(config: RunConfig) -> tuple[Job, LoopState]:
     """Start the process group, build both models and the data, and resume when a checkpoint exists."""
-    from megatron_tropd.runtime import enable_cpu_mode, init_distributed, set_seed
+    from megatron_tropd.runtime import init_distributed, set_seed
 
     info = init_distributed()
     config.validate(info.world_size)
-    enable_cpu_mode()
     set_seed(config.seed)
     topology, student, teacher = _build_models(config)
     tokenizer = run_tokenizer(config)
@@ -316,8 +315,8 @@ class StopRequest:
         return stopping
 
 
-def train_one_step(job: Job, step: int) -> dict:
-    """Rollout -> score -> trust draw -> (updates_per_batch) optimizer updates; returns the step's log."""
+def train_one_step(job: Job, step: int) -> StepRecord:
+    """Rollout -> score -> trust draw -> (updates_per_batch) optimizer updates; returns the step's record."""
     from megatron_tropd.scoring import ScoringSpec, score_batch
     from megatron_tropd.training import batch_context
 
@@ -335,14 +334,12 @@ def train_one_step(job: Job, step: int) -> dict:
         result = job.student.train_step(scored, config.method, context)
         _count_nonfinite(job, step, result.nonfinite_skipped, batch)
     trained = time.perf_counter()
-    tokens = int(batch.loss_mask.sum())
-    return {
-        "step": step, **result.metrics, "grad_norm": result.grad_norm, "lr": result.learning_rate, **stats,
-        "nonfinite_skipped": int(result.nonfinite_skipped), "nonfinite_skipped_total": job.nonfinite_total,
-        "tokens_per_s/generate": tokens / (generated - started),
-        "tokens_per_s/score": tokens / (scored_at - generated),
-        "tokens_per_s/train": tokens / (trained - scored_at),
-    }  # fmt: skip
+    return StepRecord(
+        step=step, metrics=result.metrics, grad_norm=result.grad_norm, learning_rate=result.learning_rate,
+        rollout=stats, trained_tokens=int(batch.loss_mask.sum()),
+        seconds=PhaseSeconds(generated - started, scored_at - generated, trained - scored_at),
+        nonfinite_skipped=result.nonfinite_skipped, nonfinite_skipped_total=job.nonfinite_total,
+    )  # fmt: skip
 
 
 def _save(job: Job, step: int, in_background: bool = False) -> None:
@@ -373,7 +370,8 @@ def _save_or_publish(job: Job, done: int, final: bool) -> None:
 def run(config: RunConfig) -> list[dict]:
     """Train ``config`` from its latest checkpoint (or from scratch) to ``config.train_steps``.
 
-    Returns the step records this process wrote (on the reporting rank; empty elsewhere).
+    Returns the rows of the steps this process logged (``StepRecord.row()``, on the reporting rank; empty
+    elsewhere).
     """
     from megatron_tropd.runtime import shutdown_distributed
 
@@ -392,9 +390,9 @@ def run(config: RunConfig) -> list[dict]:
             log.write_eval(0, evaluate_student(job, 0))  # the starting point of the accuracy curve
         for step in range(loop_state.step, config.train_steps):
             record = train_one_step(job, step)
-            log.write(record)
+            log.write_step(record)
             if log.active:
-                records.append(record)
+                records.append(record.row())
             done, stopping = step + 1, stop.agreed(last=step + 1 == config.train_steps)  # collective
             if _evaluation_due(job, done):
                 log.write_eval(done, evaluate_student(job, done))

@@ -160,7 +160,7 @@ def every_method_worker(rank, world_size, config, steps):
     try:
         for method in METHOD_NAMES:
             job.config.method = _method_config(method, config.train_steps)
-            records[method] = [trainer.train_one_step(job, step) for step in range(steps)]
+            records[method] = [trainer.train_one_step(job, step).row() for step in range(steps)]
     finally:
         shutdown_distributed()
     return records
@@ -209,7 +209,7 @@ def precision_worker(rank, world_size, config):
             "teacher": sorted({str(p.dtype) for p in job.teacher.stage.parameters()}),
             "main": sorted({str(p.dtype) for p in main_params}),
         }
-        loss = trainer.train_one_step(job, 0)["loss"]
+        loss = trainer.train_one_step(job, 0).metrics["loss"]
     finally:
         shutdown_distributed()
     return dtypes, loss
