@@ -201,7 +201,17 @@ class OptimConfig:
     """Global gradient-norm clip; 0 disables clipping."""
 
     micro_batch_size: int = 1
-    """Sequences per microbatch (per data-parallel rank)."""
+    """Sequences per microbatch (per data-parallel rank) when ``sequence_packing`` is off."""
+
+    sequence_packing: bool = True
+    """Score and train on packed microbatches: whole rollouts back to back, at most
+    ``max_tokens_per_microbatch`` tokens each, attention kept within each rollout (``packing.py``), and
+    data-parallel ranks given balanced token counts. Off: ``micro_batch_size`` rows padded to the
+    batch's longest rollout."""
+
+    max_tokens_per_microbatch: int = 0
+    """Token budget of a packed microbatch; 0 = the longest possible rollout (``rollout.max_prompt_length
+    + rollout.max_new_tokens``). Must hold at least that many tokens: a rollout is never split."""
 
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (Megatron's DistributedOptimizer)."""
@@ -220,6 +230,11 @@ class OptimConfig:
         _check_range("optim.weight_decay", self.weight_decay, 0.0, math.inf, "[)", "AdamW decay")
         _check_range("optim.clip_grad", self.clip_grad, 0.0, math.inf, "[)", "0 disables clipping")
         _check_int("optim.micro_batch_size", self.micro_batch_size, 1, "sequences per microbatch")
+        _check_int(
+            "optim.max_tokens_per_microbatch", self.max_tokens_per_microbatch, 0, "0 = longest rollout"
+        )
+        if not isinstance(self.sequence_packing, bool):
+            raise ValueError(f"optim.sequence_packing must be true or false; got {self.sequence_packing!r}")
         _check_int("optim.updates_per_batch", self.updates_per_batch, 1, "updates per rollout batch")
 
 
@@ -269,6 +284,7 @@ def replicas(who: str, tensor_parallel: int, pipeline_parallel: int, world_size:
 GUIDANCE_SCHEDULES = ("cosine", "linear", "constant")
 OVERLONG_PROMPT_POLICIES = ("skip", "fail")
 DECODERS = ("auto", "cached", "megatron")
+BATCHINGS = ("continuous", "static")
 
 
 @dataclass
@@ -319,6 +335,12 @@ class RolloutConfig:
     ``GPTModel.forward`` with Megatron's static KV cache; "auto" takes "cached" wherever it can run the
     model exactly (every family here) and "megatron" otherwise."""
 
+    batching: str = "continuous"
+    """How generation fills its batch: "continuous" refills a row's slot with the next request as soon as
+    the row ends, prefilling the newcomer while the other rows decode (``rollout/slots.py``); "static"
+    decodes each batch until its longest row ends. The "megatron" decoder has no per-slot positions and
+    always batches statically."""
+
     def validate(self) -> None:
         for name in ("prompts_per_step", "samples_per_prompt", "max_prompt_length", "max_new_tokens"):
             _check_int(f"rollout.{name}", getattr(self, name), 1, "a positive count")
@@ -335,6 +357,7 @@ class RolloutConfig:
             )
         _check_choice("rollout.guidance_schedule", self.guidance_schedule, GUIDANCE_SCHEDULES)
         _check_choice("rollout.decoder", self.decoder, DECODERS)
+        _check_choice("rollout.batching", self.batching, BATCHINGS)
 
     @property
     def rollouts_per_step(self) -> int:
@@ -624,11 +647,23 @@ class RunConfig:
         _check_choice("method.name", self.method.name, METHOD_NAMES)  # the error names the field
         return method_spec(self.method.name).guidance
 
+    @property
+    def packing_tokens(self) -> int:
+        """The packed microbatches' token budget (``optim.max_tokens_per_microbatch`` with 0 resolved to
+        the longest possible rollout); 0 when ``optim.sequence_packing`` is off."""
+        if not self.optim.sequence_packing:
+            return 0
+        longest = self.rollout.max_prompt_length + self.rollout.max_new_tokens
+        return self.optim.max_tokens_per_microbatch or longest
+
     def resolved(self) -> RunConfig:
-        """A copy with every method-dependent default made explicit (``rollout.guidance`` a bool), so
-        ``--print-config``, the saved ``config.json`` and everything downstream see the effective values."""
+        """A copy with every derived default made explicit (``rollout.guidance`` a bool, the packing
+        budget a count), so ``--print-config``, the saved ``config.json`` and everything downstream see
+        the effective values."""
         _check_choice("method.name", self.method.name, METHOD_NAMES)  # the defaults below depend on it
-        return replace(self, rollout=replace(self.rollout, guidance=self.guidance_enabled))
+        budget = self.packing_tokens or self.optim.max_tokens_per_microbatch
+        optim = replace(self.optim, max_tokens_per_microbatch=budget)
+        return replace(self, rollout=replace(self.rollout, guidance=self.guidance_enabled), optim=optim)
 
     def validate(self, world_size: int | None = None) -> None:
         """Check every section and how they fit together (and the job size, when given)."""
@@ -655,6 +690,18 @@ class RunConfig:
         if world_size is not None:
             self._check_batch_split(world_size)
         self._check_context()
+        self._check_packing_budget()
+
+    def _check_packing_budget(self) -> None:
+        """A packed microbatch holds whole rollouts, so its budget must fit the longest one."""
+        r = self.rollout
+        longest = r.max_prompt_length + r.max_new_tokens
+        if self.optim.sequence_packing and 0 < self.optim.max_tokens_per_microbatch < longest:
+            raise ValueError(
+                f"optim.max_tokens_per_microbatch = {self.optim.max_tokens_per_microbatch} cannot hold a "
+                f"rollout of rollout.max_prompt_length + rollout.max_new_tokens = {longest} tokens (a "
+                f"rollout is never split): raise it to at least {longest}, or set it to 0 (exactly that)"
+            )
 
     def _check_context(self) -> None:
         """A prompt of ``max_prompt_length`` plus ``max_new_tokens`` generated tokens is generated and
@@ -693,11 +740,11 @@ class RunConfig:
         p = self.parallel
         student_dp = world_size // (p.student_tensor_parallel * p.student_pipeline_parallel)
         teacher_dp = world_size // (p.teacher_tensor_parallel * p.teacher_pipeline_parallel)
+        rows_per_microbatch = 1 if self.optim.sequence_packing else self.optim.micro_batch_size
         for who, dp in (("student", student_dp), ("teacher", teacher_dp)):
-            if rollouts % (dp * self.optim.micro_batch_size):
+            if rollouts % (dp * rows_per_microbatch):
                 raise ValueError(
                     f"rollout.prompts_per_step x samples_per_prompt = {rollouts} rollouts do not split over "
                     f"the {who}'s {dp} data-parallel ranks x optim.micro_batch_size = "
-                    f"{self.optim.micro_batch_size}; make the rollouts a multiple of "
-                    f"{dp * self.optim.micro_batch_size}"
+                    f"{rows_per_microbatch}; make the rollouts a multiple of {dp * rows_per_microbatch}"
                 )

@@ -162,14 +162,19 @@ def _transformer_config(
 
 
 def _layer_spec(config: ModelConfig):
-    """Transformer-Engine layers on GPU when TE is present, else Megatron's local (pure torch) layers."""
+    """Transformer-Engine layers on GPU when TE is present, else Megatron's local (pure torch) layers,
+    whose attention also runs packed sequences (``attention.py``)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if _use_transformer_engine():  # TE's fused norm reads config.normalization itself
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(
+    from megatron_tropd.attention import PackedDotProductAttention
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=config.qk_layernorm, normalization=config.normalization
     )
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention  # packed THD too
+    return spec
 
 
 def _check_group_sizes(pg_collection: ProcessGroupCollection, tensor_parallel: int, pipeline_parallel: int):

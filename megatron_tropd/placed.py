@@ -8,12 +8,13 @@ model's groups. ``place_model`` builds the frozen ones (the teacher, a model und
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from megatron_tropd.model_config import ModelConfig
-from megatron_tropd.topology import ModelGroups, data_parallel_rows
+from megatron_tropd.topology import ModelGroups, replica_rows
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,10 @@ class PlacedModel:
         """The true (unpadded) vocabulary."""
         return self.config.vocab_size
 
-    def rows(self, num_rows: int) -> slice:
-        """The rows of a global batch of ``num_rows`` that this rank's data-parallel replica owns."""
-        return data_parallel_rows(num_rows, self.groups.data_parallel, self.groups.position.dp_rank)
+    def rows(self, num_rows: int, lengths: Sequence[int] | None = None) -> slice:
+        """The rows of a global batch of ``num_rows`` that this rank's data-parallel replica owns: equal
+        counts, or, given each row's token count, balanced token counts."""
+        return replica_rows(num_rows, self.groups.data_parallel, self.groups.position.dp_rank, lengths)
 
     def engine(self, max_sequence_length: int, max_batch_size: int, decoder: str = "auto"):
         """A KV-cache ``MegatronGenerationEngine`` over this model's replica."""

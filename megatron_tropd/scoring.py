@@ -9,7 +9,7 @@ the trust mask is drawn there.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -25,6 +25,7 @@ from megatron_tropd.ops import (
     vocab_parallel_token_stats,
     vocab_parallel_topk,
 )
+from megatron_tropd.packing import packed_microbatches, sequence_lengths, unpack_rows
 from megatron_tropd.pipeline import run_microbatches
 from megatron_tropd.placed import PlacedModel
 from megatron_tropd.topology import ModelGroups
@@ -34,9 +35,9 @@ SignalFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
 def _forward_step(data_iterator, model, signal_fn: SignalFn):
-    tokens, labels = next(data_iterator)
-    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    output = model(tokens, position_ids, None)
+    tokens, labels, position_ids, packed_seq_params = next(data_iterator)
+    packed = {} if packed_seq_params is None else {"packed_seq_params": packed_seq_params}
+    output = model(tokens, position_ids, None, **packed)
 
     def collect(output_tensor, non_loss_data=False):
         with torch.no_grad():
@@ -45,23 +46,48 @@ def _forward_step(data_iterator, model, signal_fn: SignalFn):
     return output, collect
 
 
+def _padded_microbatches(tokens: torch.Tensor, labels: torch.Tensor, micro_batch_size: int) -> list:
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    splits = zip(tokens.split(micro_batch_size), labels.split(micro_batch_size), strict=True)
+    return [(t, lab, positions[: t.shape[0]], None) for t, lab in splits]
+
+
 @torch.no_grad()
 def forward_signals(
-    placed: PlacedModel, tokens: torch.Tensor, micro_batch_size: int, signal_fn: SignalFn
+    placed: PlacedModel,
+    tokens: torch.Tensor,
+    micro_batch_size: int,
+    signal_fn: SignalFn,
+    *,
+    lengths: Sequence[int] | None = None,
+    max_tokens: int = 0,
 ) -> dict[str, torch.Tensor] | None:
     """Run ``tokens [n, S]`` forward-only and apply ``signal_fn(logits_shard, labels)`` per microbatch.
 
-    Returns the concatenated per-row results on the last pipeline stage, None on the other stages.
+    With ``max_tokens`` (and each row's ``lengths``) the rows run packed, at most ``max_tokens`` tokens a
+    microbatch (``packing.py``), else in microbatches of ``micro_batch_size`` padded rows. Returns the
+    per-row results ``[n, S, ...]`` on the last pipeline stage (zeros past a packed row's end), None on
+    the other stages.
     """
     labels = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
-    microbatches = list(zip(tokens.split(micro_batch_size), labels.split(micro_batch_size), strict=True))
+    if max_tokens and lengths is not None:
+        equal_shapes = placed.groups.layout.pipeline_parallel > 1
+        packs = packed_microbatches({"tokens": tokens, "labels": labels}, lengths, max_tokens, equal_shapes)
+        items = [
+            (p.fields["tokens"], p.fields["labels"], p.position_ids, p.packed_seq_params()) for p in packs
+        ]
+        seq_length, rows_per_microbatch = max(p.num_tokens for p in packs), 1
+    else:
+        items = _padded_microbatches(tokens, labels, micro_batch_size)
+        seq_length, rows_per_microbatch = tokens.shape[1], micro_batch_size
     outputs = run_microbatches(
-        placed, partial(_forward_step, signal_fn=signal_fn), microbatches,
-        seq_length=tokens.shape[1], micro_batch_size=micro_batch_size, forward_only=True,
-        collect_non_loss_data=True,
+        placed, partial(_forward_step, signal_fn=signal_fn), items, seq_length=seq_length,
+        micro_batch_size=rows_per_microbatch, forward_only=True, collect_non_loss_data=True,
     )  # fmt: skip
     if not placed.is_last_stage:
         return None
+    if max_tokens and lengths is not None:
+        return unpack_rows(outputs, packs, tokens.shape[0], tokens.shape[1])
     return {name: torch.cat([out[name] for out in outputs]) for name in outputs[0]}
 
 
@@ -104,13 +130,24 @@ class ScoringSpec:
     with_teacher_entropy: bool
     micro_batch_size: int
     trust_seed: int
+    max_tokens: int = 0
+    """Packed microbatches of at most this many tokens, rows split over data-parallel ranks by tokens;
+    0: ``micro_batch_size`` padded rows, equal row counts."""
 
     @classmethod
-    def for_method(cls, vocab_size: int, method: MethodConfig, micro_batch_size: int) -> ScoringSpec:
+    def for_method(
+        cls, vocab_size: int, method: MethodConfig, micro_batch_size: int, max_tokens: int = 0
+    ) -> ScoringSpec:
         """What ``method`` needs scored, from its ``methods.METHOD_SPECS`` entry: the teacher's entropy only
         where its loss reads it; top-k and the trust mask always (the metrics read them too)."""
         needs = method_spec(method.name)
-        return cls(vocab_size, method.topk, needs.teacher_entropy, micro_batch_size, method.trust_seed)
+        return cls(
+            vocab_size, method.topk, needs.teacher_entropy, micro_batch_size, method.trust_seed, max_tokens
+        )
+
+    def row_lengths(self, batch: RolloutBatch) -> list[int] | None:
+        """Each row's token count when packing (it splits rows over ranks and into microbatches)."""
+        return sequence_lengths(batch) if self.max_tokens else None
 
 
 def _teacher_template(spec: ScoringSpec, seq_length: int):
@@ -143,11 +180,18 @@ def score_batch(
     every signal (teacher log-prob, top-k, entropy, old student log-prob and entropy, trust mask); on
     other stages they carry tokens and masks only.
     """
-    teacher_out = teacher_signals(batch, teacher, spec)
-    mine = batch.rows(student.rows(batch.num_sequences))
+    lengths = spec.row_lengths(batch)
+    teacher_out = teacher_signals(batch, teacher, spec, lengths)
+    rows = student.rows(batch.num_sequences, lengths)
+    mine = batch.rows(rows)
     student_fn = student_signal_fn(student.tp_group, spec.vocab_size)
-    student_out = forward_signals(student, mine.tokens, spec.micro_batch_size, student_fn)
-    teacher_for_me = teacher_to_student_layout(teacher_out, batch, teacher.groups, student.groups, spec)
+    student_out = forward_signals(
+        student, mine.tokens, spec.micro_batch_size, student_fn,
+        lengths=lengths[rows] if lengths else None, max_tokens=spec.max_tokens,
+    )  # fmt: skip
+    teacher_for_me = teacher_to_student_layout(
+        teacher_out, batch, teacher.groups, student.groups, spec, lengths
+    )
     if student_out is None:
         return mine
     mine = mine.with_signals(**teacher_for_me, **student_out)
@@ -155,12 +199,16 @@ def score_batch(
 
 
 def teacher_signals(
-    batch: RolloutBatch, teacher: PlacedModel, spec: ScoringSpec
+    batch: RolloutBatch, teacher: PlacedModel, spec: ScoringSpec, lengths: list[int] | None = None
 ) -> dict[str, torch.Tensor] | None:
-    """The teacher's signals for its data-parallel rows of ``batch`` (None off its last stage)."""
+    """The teacher's signals for its data-parallel rows of ``batch`` (None off its last stage);
+    ``lengths``: each row's token count, when packing."""
     signal_fn = teacher_signal_fn(teacher.tp_group, spec.vocab_size, spec.topk, spec.with_teacher_entropy)
-    tokens = batch.tokens[teacher.rows(batch.num_sequences)]
-    return forward_signals(teacher, tokens, spec.micro_batch_size, signal_fn)
+    rows = teacher.rows(batch.num_sequences, lengths)
+    return forward_signals(
+        teacher, batch.tokens[rows], spec.micro_batch_size, signal_fn,
+        lengths=lengths[rows] if lengths else None, max_tokens=spec.max_tokens,
+    )  # fmt: skip
 
 
 def teacher_to_student_layout(
@@ -169,11 +217,15 @@ def teacher_to_student_layout(
     teacher_groups: ModelGroups,
     student_groups: ModelGroups,
     spec: ScoringSpec,
+    lengths: list[int] | None = None,
 ) -> dict[str, torch.Tensor] | None:
-    """The teacher's per-row signals, moved from its last stage to the student ranks that train on them."""
+    """The teacher's per-row signals, moved from its last stage to the student ranks that train on them
+    (``lengths``: each row's token count, when ranks split rows by tokens)."""
     num_rows, world_size = batch.num_sequences, dist.get_world_size()
     plan = plan_row_transfer(
-        senders=last_stage_holders(teacher_groups, num_rows, world_size, first_tp_only=True),
-        receivers=last_stage_holders(student_groups, num_rows, world_size, first_tp_only=False),
+        senders=last_stage_holders(teacher_groups, num_rows, world_size, first_tp_only=True, lengths=lengths),
+        receivers=last_stage_holders(
+            student_groups, num_rows, world_size, first_tp_only=False, lengths=lengths
+        ),
     )
     return move_rows(teacher_out, plan, _teacher_template(spec, batch.seq_length), batch.tokens.device)

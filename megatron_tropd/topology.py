@@ -184,6 +184,16 @@ def build_topology(student: ParallelLayout, teacher: ParallelLayout) -> Topology
     return Topology(student_groups, ModelGroups(teacher, teacher_dp, me, pgs, pipeline), world_size, rank)
 
 
+def replica_rows(num_rows: int, data_parallel: int, dp_rank: int, lengths=None) -> slice:
+    """The contiguous rows of the global batch that data-parallel rank ``dp_rank`` owns: equal row counts,
+    or, given each row's token count in ``lengths``, balanced token counts (``packing``)."""
+    if lengths is None:
+        return data_parallel_rows(num_rows, data_parallel, dp_rank)
+    from megatron_tropd.packing import token_balanced_ranges
+
+    return token_balanced_ranges(lengths, data_parallel)[dp_rank]
+
+
 def data_parallel_rows(num_rows: int, data_parallel: int, dp_rank: int) -> slice:
     """The contiguous rows of the global batch that data-parallel rank ``dp_rank`` owns."""
     if num_rows % data_parallel:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -114,8 +114,9 @@ def _build_models(config: RunConfig):
         ParallelLayout(p.teacher_tensor_parallel, p.teacher_pipeline_parallel),
         seed=config.seed,
     )
+    optim = replace(config.optim, max_tokens_per_microbatch=config.packing_tokens)  # 0 resolved
     student = build_student(
-        config.student, config.optim, topology.student, config.train_steps, config.seed,
+        config.student, optim, topology.student, config.train_steps, config.seed,
         params_dtype=params_dtype_for(config.train.precision),
     )  # fmt: skip
     if config.checkpoint.student_init:
@@ -324,7 +325,9 @@ def train_one_step(job: Job, step: int) -> StepRecord:
     started = time.perf_counter()
     batch, stats = rollout(job, step)
     generated = time.perf_counter()
-    spec = ScoringSpec.for_method(config.student.vocab_size, config.method, config.optim.micro_batch_size)
+    spec = ScoringSpec.for_method(
+        config.student.vocab_size, config.method, config.optim.micro_batch_size, config.packing_tokens
+    )
     scored = score_batch(batch, job.student.placed, job.teacher, spec, step)
     context = batch_context(
         config.method, scored, step, config.train_steps, job.topology.student, config.guidance_enabled

@@ -27,6 +27,7 @@ from megatron_tropd.losses import (
 from megatron_tropd.models import ModelConfig, build_gpt_model
 from megatron_tropd.ops import vocab_parallel_token_stats
 from megatron_tropd.ops.vocab_parallel import vocab_parallel_token_stats_with_tail
+from megatron_tropd.packing import packed_rollout_microbatches
 from megatron_tropd.pipeline import run_microbatches
 from megatron_tropd.placed import PlacedModel
 from megatron_tropd.topology import ModelGroups
@@ -125,14 +126,21 @@ def build_student(
 
 
 def student_signals(
-    logits: torch.Tensor, batch: RolloutBatch, tp_group, vocab_size: int, with_tail: bool = False
+    logits: torch.Tensor,
+    batch: RolloutBatch,
+    tp_group,
+    vocab_size: int,
+    with_tail: bool = False,
+    labels: torch.Tensor | None = None,
 ) -> TokenSignals:
     """``TokenSignals`` of one microbatch from the student's TP-sharded logits ``[b, S, V/TP]``.
 
     ``with_tail`` adds the student's exact log-mass outside the teacher's top-k (the ``tail`` FKL family).
+    ``labels``: the microbatch's labels when they are not ``batch.labels`` (a packed microbatch's).
     """
     topk = batch.topk_ids.shape[-1]
-    ids = torch.cat([batch.labels.unsqueeze(-1), batch.topk_ids], dim=-1)  # [b, S, 1 + k]
+    labels = batch.labels if labels is None else labels
+    ids = torch.cat([labels.unsqueeze(-1), batch.topk_ids], dim=-1)  # [b, S, 1 + k]
     lp_tail = None
     if with_tail:
         log_probs, _, lp_tail = vocab_parallel_token_stats_with_tail(
@@ -159,18 +167,47 @@ def student_signals(
     )
 
 
-def _loss_func(logits, batch, tp_group, vocab_size, method, context):
-    signals = student_signals(logits, batch, tp_group, vocab_size, with_tail=method.fkl_family == "tail")
+@dataclass
+class Microbatch:
+    """One microbatch of the training schedule: padded rows ``[b, S]``, or packed rollouts ``[1, T]``."""
+
+    batch: RolloutBatch
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    packed_seq_params: object | None = None  # Megatron's PackedSeqParams (THD) when packed
+
+    def forward(self, model: torch.nn.Module) -> torch.Tensor:
+        packed = {} if self.packed_seq_params is None else {"packed_seq_params": self.packed_seq_params}
+        return model(self.batch.tokens, self.position_ids, None, **packed)
+
+
+def training_microbatches(
+    batch: RolloutBatch, optim: OptimConfig, pipeline_parallel: int
+) -> list[Microbatch]:
+    """``batch``'s rows as the schedule's microbatches: packed, at most ``optim.max_tokens_per_microbatch``
+    tokens each, when ``optim.sequence_packing`` (shapes equal across microbatches under pipeline
+    parallelism); else ``optim.micro_batch_size`` padded rows each."""
+    if optim.sequence_packing and optim.max_tokens_per_microbatch:
+        packs = packed_rollout_microbatches(batch, optim.max_tokens_per_microbatch, pipeline_parallel > 1)
+        return [Microbatch(mb, labels, p.position_ids, p.packed_seq_params()) for mb, labels, p in packs]
+    return [Microbatch(mb, mb.labels, mb.position_ids) for mb in batch.split(optim.micro_batch_size)]
+
+
+def _loss_func(logits, microbatch: Microbatch, tp_group, vocab_size, method, context):
+    signals = student_signals(
+        logits, microbatch.batch, tp_group, vocab_size, with_tail=method.fkl_family == "tail",
+        labels=microbatch.labels,
+    )  # fmt: skip
     return loss_sum_and_metrics(signals, method, context)
 
 
 def _forward_step(data_iterator, model, *, tp_group, vocab_size, method, context):
-    batch = next(data_iterator)
-    output = model(batch.tokens, batch.position_ids, None)
+    microbatch = next(data_iterator)
     loss_func = partial(
-        _loss_func, batch=batch, tp_group=tp_group, vocab_size=vocab_size, method=method, context=context
-    )
-    return output, loss_func
+        _loss_func, microbatch=microbatch, tp_group=tp_group, vocab_size=vocab_size, method=method,
+        context=context,
+    )  # fmt: skip
+    return microbatch.forward(model), loss_func
 
 
 def _local_loss_nonfinite(per_microbatch, loss_key: str) -> bool:
@@ -192,12 +229,12 @@ def nonfinite_agreed(locally_nonfinite: bool, world_group=None) -> bool:
 def _update(student: Student, batch: RolloutBatch, forward_step, loss_key: str) -> StepResult:
     """Zero the gradients, run the pipeline schedule over ``batch``'s microbatches, then step the
     optimizer, or skip the update on every rank when any rank saw a non-finite loss or gradient."""
-    micro_batch_size = student.optim_config.micro_batch_size
+    microbatches = training_microbatches(batch, student.optim_config, student.groups.layout.pipeline_parallel)
     student.model.zero_grad_buffer()
     student.optimizer.zero_grad()
     per_microbatch = run_microbatches(
-        student.placed, forward_step, batch.split(micro_batch_size),
-        seq_length=batch.seq_length, micro_batch_size=micro_batch_size, forward_only=False,
+        student.placed, forward_step, microbatches, seq_length=microbatches[0].batch.seq_length,
+        micro_batch_size=microbatches[0].batch.num_sequences, forward_only=False,
     )  # fmt: skip
     # prepare_grads copies the reduced grads where the optimizer reads them; step() repeats that copy,
     # which is idempotent without a grad scaler (build_student uses none), so the norm seen here is
@@ -230,21 +267,24 @@ def train_step(
     return _update(student, batch, forward_step, "loss")
 
 
-def _supervised_loss_func(logits, batch: RolloutBatch, tp_group, vocab_size: int):
+def _supervised_loss_func(logits, microbatch: Microbatch, tp_group, vocab_size: int):
     """Summed negative log-likelihood of the loss-bearing labels (``calculate_per_token_loss`` contract)."""
     log_probs, _ = vocab_parallel_token_stats(
-        logits, batch.labels.unsqueeze(-1), tp_group, vocab_size, with_entropy=False, inplace_backward=True
-    )
-    mask = batch.loss_mask
+        logits, microbatch.labels.unsqueeze(-1), tp_group, vocab_size, with_entropy=False,
+        inplace_backward=True,
+    )  # fmt: skip
+    mask = microbatch.batch.loss_mask
     nll_sum = -(log_probs[..., 0] * mask).sum()
     num_tokens = mask.sum().to(torch.int)
     return nll_sum, num_tokens, {"nll": torch.stack([nll_sum.detach(), num_tokens.to(nll_sum.dtype)])}
 
 
 def _supervised_forward_step(data_iterator, model, *, tp_group, vocab_size):
-    batch = next(data_iterator)
-    output = model(batch.tokens, batch.position_ids, None)
-    return output, partial(_supervised_loss_func, batch=batch, tp_group=tp_group, vocab_size=vocab_size)
+    microbatch = next(data_iterator)
+    loss_func = partial(
+        _supervised_loss_func, microbatch=microbatch, tp_group=tp_group, vocab_size=vocab_size
+    )
+    return microbatch.forward(model), loss_func
 
 
 def supervised_step(student: Student, batch: RolloutBatch) -> StepResult:

@@ -9,12 +9,13 @@ messages (one per field and overlapping pair) and local copies where sender and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from megatron_tropd.topology import ModelGroups, data_parallel_rows, grid_position
+from megatron_tropd.topology import ModelGroups, grid_position, replica_rows
 
 FieldTemplate = dict[str, tuple[tuple[int, ...], torch.dtype]]
 """Each field's per-row shape and dtype, so that receivers can allocate before the data arrives."""
@@ -44,16 +45,21 @@ class RowTransfer:
 
 
 def last_stage_holders(
-    groups: ModelGroups, num_rows: int, world_size: int, first_tp_only: bool
+    groups: ModelGroups,
+    num_rows: int,
+    world_size: int,
+    first_tp_only: bool,
+    lengths: Sequence[int] | None = None,
 ) -> list[RowHolder]:
     """Which ranks hold which rows of per-sequence results on a model's last pipeline stage
-    (``first_tp_only``: one holder per data-parallel replica, its TP rank 0)."""
+    (``first_tp_only``: one holder per data-parallel replica, its TP rank 0). ``lengths``: each row's
+    token count, when data-parallel ranks split rows by tokens (``placed.PlacedModel.rows``)."""
     holders = []
     for rank in range(world_size):
         position = grid_position(rank, groups.layout, groups.data_parallel)
         if position.pp_rank != groups.layout.pipeline_parallel - 1 or (first_tp_only and position.tp_rank):
             continue
-        rows = data_parallel_rows(num_rows, groups.data_parallel, position.dp_rank)
+        rows = replica_rows(num_rows, groups.data_parallel, position.dp_rank, lengths)
         holders.append(RowHolder(rank, rows.start, rows.stop))
     return holders
 
