@@ -47,9 +47,12 @@ run() {
     : >"$LOGS/stages.jsonl"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$LOGS/gpu.txt" || true
     python3 -c "import transformer_engine" >/dev/null 2>&1 && te=true || te=false
-    stage gpu_tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_vocab_parallel_gpu.py
+    stage gpu_tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_vocab_parallel_gpu.py \
+        tests/test_packing_gpu.py
     stage step_mfu 200 python3 bench/step.py --student qwen3_1_7b --teacher qwen3_1_7b --world-size 1 --tp 1 \
         --sequences 8 --seq-len 2048 --out "$RESULTS/gpu_step.json"
+    stage packing 100 python3 bench/step.py --length-mix --student qwen3_1_7b --teacher qwen3_1_7b \
+        --world-size 1 --sequences 16 --seq-len 2048 --steps 2 --out "$RESULTS/gpu_step_packing.json"
     stage generation 120 python3 bench/generation.py --layers 8 --hidden 1024 --batch 32 --new-tokens 128 \
         --out "$RESULTS/gpu_generation.json"
     python3 - "$LOGS" "$RESULTS" "$te" <<'EOF'
@@ -58,10 +61,10 @@ logs, results, te = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.ar
 summary = {
     "gpu": (logs / "gpu.txt").read_text().strip() if (logs / "gpu.txt").exists() else "",
     "transformer_engine": te,
-    "packed_thd_attention": "no packed path exists yet: sequence packing is not built",
+    "packed_thd_attention": "tests/test_packing_gpu.py (gpu_tests) and the packing stage",
     "stages": [json.loads(line) for line in (logs / "stages.jsonl").read_text().splitlines()],
 }
-for name in ("gpu_step.json", "gpu_generation.json"):
+for name in ("gpu_step.json", "gpu_step_packing.json", "gpu_generation.json"):
     if (results / name).exists():
         summary[name] = json.loads((results / name).read_text())
 (results / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
