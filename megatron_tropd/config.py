@@ -259,13 +259,6 @@ class ParallelConfig:
             for name in (f"{who}_tensor_parallel", f"{who}_pipeline_parallel"):
                 _check_int(f"parallel.{name}", getattr(self, name), 1, "a model-parallel size")
 
-    def check_world_size(self, world_size: int) -> None:
-        """Both layouts must tile the job; the error lists the sizes that would."""
-        for who in ("student", "teacher"):
-            tensor_parallel = getattr(self, f"{who}_tensor_parallel")
-            pipeline_parallel = getattr(self, f"{who}_pipeline_parallel")
-            replicas(f"parallel.{who}", tensor_parallel, pipeline_parallel, world_size)
-
 
 def replicas(who: str, tensor_parallel: int, pipeline_parallel: int, world_size: int) -> int:
     """Data-parallel replicas of a TP x PP layout in ``world_size`` ranks; a ValueError that lists the
@@ -386,6 +379,10 @@ class DataConfig:
 
     shuffle_seed: int = 0
     """Seed of the deterministic epoch shuffles."""
+
+    default_domain: str = ""
+    """With several ``teachers``: the teacher of prompts that have no ``domain`` field (empty: every prompt
+    must name one)."""
 
     def validate(self) -> None:
         from megatron_tropd.data import check_template_kwargs  # torch-free, like this module
@@ -611,6 +608,28 @@ class TrainConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """One teacher of a multi-teacher job (``RunConfig.teachers``): its shape, weights and layout."""
+
+    model: ModelConfig = field(default_factory=tiny)
+    """The teacher's shape; its true vocabulary must be the student's (one tokenizer)."""
+
+    checkpoint: str = ""
+    """Its Megatron checkpoint (``tools/convert.py`` output); empty: random weights (tests)."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    """Its own TP x PP layout over every rank of the job (the rest data-parallel)."""
+
+    domains: list[str] = field(default_factory=list)
+    """Further prompt domains it scores, beside the one its name spells (e.g. ``science`` for a general
+    teacher)."""
+
+
+DEFAULT_TEACHER = "teacher"
+
+
+@dataclass
 class RunConfig:
     """One distillation run: built by a recipe, overridden from the command line, validated up front."""
 
@@ -633,11 +652,41 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    """Several teachers in one job, by name: each prompt goes to the teacher named by its ``domain``
+    field (``data.default_domain`` where it has none), which scores its rollouts and writes its guidance
+    prefixes. Empty (the default): one teacher, ``teacher`` with ``checkpoint.teacher`` on
+    ``parallel.teacher_*``; when set, those three are not used."""
+
     train_steps: int = 200
     """Training steps (one rollout batch each)."""
 
     seed: int = 1234
     """Seed of model initialisation and process RNGs."""
+
+    def teacher_set(self) -> dict[str, TeacherConfig]:
+        """The job's teachers by name: ``teachers``, or the single ``teacher`` as ``"teacher"``."""
+        if self.teachers:
+            return dict(self.teachers)
+        p = self.parallel
+        single = TeacherConfig(
+            self.teacher, self.checkpoint.teacher, p.teacher_tensor_parallel, p.teacher_pipeline_parallel
+        )
+        return {DEFAULT_TEACHER: single}
+
+    def route(self, domain: str | None) -> str:
+        """The teacher that scores a prompt of ``domain`` (its ``domain`` field; None when it has none)."""
+        if not self.teachers:
+            return DEFAULT_TEACHER
+        name = domain or self.data.default_domain
+        name = next((t for t, c in self.teachers.items() if name in c.domains), name)
+        if name not in self.teachers:
+            which = f"domain {domain!r}" if domain else "no domain field, and data.default_domain is empty"
+            raise ValueError(
+                f"a prompt has {which}, but the teachers are {', '.join(sorted(self.teachers))}: give every "
+                "prompt the 'domain' of one of them, set data.default_domain, or add a teacher of that name"
+            )
+        return name
 
     @property
     def guidance_enabled(self) -> bool:
@@ -673,16 +722,11 @@ class RunConfig:
             section.validate()
         _check_int("train_steps", self.train_steps, 1, "training steps")
         self.student.validate()
-        self.teacher.validate()
-        self._check_vocabularies()
         self.student.validate_parallel(
             self.parallel.student_tensor_parallel, self.parallel.student_pipeline_parallel,
             model="student", key_prefix="parallel.student_",
         )  # fmt: skip
-        self.teacher.validate_parallel(
-            self.parallel.teacher_tensor_parallel, self.parallel.teacher_pipeline_parallel,
-            model="teacher", key_prefix="parallel.teacher_",
-        )  # fmt: skip
+        self._check_teachers()
         if self.method.topk > self.student.vocab_size:
             raise ValueError(
                 f"method.topk = {self.method.topk} exceeds the vocabulary ({self.student.vocab_size})"
@@ -709,7 +753,8 @@ class RunConfig:
         one prompt position beside its generation budget (each prompt is checked when loaded)."""
         r = self.rollout
         needed = r.max_prompt_length + r.max_new_tokens
-        for who, model in (("student", self.student), ("teacher", self.teacher)):
+        teachers = [(self._teacher_keys(name)[0], t.model) for name, t in self.teacher_set().items()]
+        for who, model in [("student", self.student), *teachers]:
             if needed > model.max_position_embeddings:
                 raise ValueError(
                     f"rollout.max_prompt_length + rollout.max_new_tokens = {r.max_prompt_length} + "
@@ -724,24 +769,56 @@ class RunConfig:
                 f"student's context of {context} (student.max_position_embeddings): lower eval.max_new_tokens"
             )
 
-    def _check_vocabularies(self) -> None:
-        """Padded sizes may differ (151,936 vs 152,064); the true vocabularies must not."""
-        if self.student.vocab_size != self.teacher.vocab_size:
+    def _teacher_keys(self, name: str) -> tuple[str, str]:
+        """How the settings of teacher ``name`` are spelled on the command line: (shape, layout prefix)."""
+        if not self.teachers:
+            return "teacher", "parallel.teacher_"
+        return f"teachers.{name}.model", f"teachers.{name}."
+
+    def _check_teachers(self) -> None:
+        """Each teacher's shape and layout, and its vocabulary: the true vocabularies must equal the
+        student's (padded sizes may differ, 151,936 vs 152,064)."""
+        if self.teachers and self.data.default_domain and self.data.default_domain not in self.teachers:
             raise ValueError(
-                f"student vocab_size {self.student.vocab_size} != teacher vocab_size "
-                f"{self.teacher.vocab_size}: "
-                "on-policy distillation needs one tokenizer; set both to the tokenizer's true vocabulary "
-                "(padding to a multiple of 128 x TP is added per model)"
+                f"data.default_domain = {self.data.default_domain!r} names no teacher; the teachers are "
+                f"{', '.join(sorted(self.teachers))}"
             )
+        claimed: dict[str, str] = {}
+        for name, teacher in self.teacher_set().items():
+            shape_key, layout_key = self._teacher_keys(name)
+            if not isinstance(teacher, TeacherConfig):
+                raise ValueError(f"teachers.{name} must be a TeacherConfig (model, checkpoint, layout)")
+            for domain in [name, *teacher.domains]:
+                if domain in claimed:
+                    raise ValueError(
+                        f"domain {domain!r} is routed to two teachers ({claimed[domain]} and {name}): keep "
+                        "it in one teacher's name or domains"
+                    )
+                claimed[domain] = name
+            teacher.model.validate()
+            teacher.model.validate_parallel(
+                teacher.tensor_parallel, teacher.pipeline_parallel, model=shape_key, key_prefix=layout_key
+            )
+            if teacher.model.vocab_size != self.student.vocab_size:
+                raise ValueError(
+                    f"student vocab_size {self.student.vocab_size} != {shape_key} vocab_size "
+                    f"{teacher.model.vocab_size}: on-policy distillation needs one tokenizer; set both to "
+                    "the tokenizer's true vocabulary (padding to a multiple of 128 x TP is added per model)"
+                )
 
     def _check_batch_split(self, world_size: int) -> None:
-        self.parallel.check_world_size(world_size)
-        rollouts = self.rollout.rollouts_per_step
         p = self.parallel
-        student_dp = world_size // (p.student_tensor_parallel * p.student_pipeline_parallel)
-        teacher_dp = world_size // (p.teacher_tensor_parallel * p.teacher_pipeline_parallel)
+        replicas("parallel.student", p.student_tensor_parallel, p.student_pipeline_parallel, world_size)
+        layouts = [("student", world_size // (p.student_tensor_parallel * p.student_pipeline_parallel))]
+        for name, teacher in self.teacher_set().items():
+            who = "parallel.teacher" if not self.teachers else f"teachers.{name}"
+            dp = replicas(who, teacher.tensor_parallel, teacher.pipeline_parallel, world_size)
+            layouts.append(("teacher" if not self.teachers else who, dp))
+        if self.teachers:  # a teacher scores only its prompts' rollouts: any count, split unevenly
+            layouts = layouts[:1]
+        rollouts = self.rollout.rollouts_per_step
         rows_per_microbatch = 1 if self.optim.sequence_packing else self.optim.micro_batch_size
-        for who, dp in (("student", student_dp), ("teacher", teacher_dp)):
+        for who, dp in layouts:
             if rollouts % (dp * rows_per_microbatch):
                 raise ValueError(
                     f"rollout.prompts_per_step x samples_per_prompt = {rollouts} rollouts do not split over "

@@ -53,6 +53,8 @@ class Prompt:
     id: str
     token_ids: tuple[int, ...]
     answer: str | None = None
+    domain: str | None = None
+    """Routes the prompt to the teacher of that name (``RunConfig.teachers``)."""
 
 
 def _token_text(value: object) -> str | None:
@@ -425,8 +427,11 @@ def _prompt_from_row(path: Path, line_number: int, row: object, settings: Prompt
         _check_vocabulary(where, token_ids, settings.vocab_size, "tokenized prompt")
     else:
         raise ValueError(f"{where}: missing field 'prompt' (non-empty string) or 'prompt_token_ids'")
-    answer = row.get("answer")
-    return Prompt(str(row.get("id", line_number)), token_ids, None if answer is None else str(answer))
+    answer, domain = row.get("answer"), row.get("domain")
+    if domain is not None and not (isinstance(domain, str) and domain):
+        raise ValueError(f"{where}: 'domain' must be a non-empty string (the name of the prompt's teacher)")
+    answer = None if answer is None else str(answer)
+    return Prompt(str(row.get("id", line_number)), token_ids, answer, domain)
 
 
 def load_prompts(
@@ -489,12 +494,19 @@ def run_tokenizer(config: RunConfig) -> Tokenizer | None:
 
 def load_run_prompts(config: RunConfig, tokenizer: Tokenizer | None) -> list[Prompt]:
     """The run's training prompts, as its rollouts and the teacher's scoring see them: rendered with
-    ``data.chat_template`` and ``data.chat_template_kwargs``, ids checked against the models' vocabulary."""
+    ``data.chat_template`` and ``data.chat_template_kwargs``, ids checked against the models' vocabulary,
+    each routed to a teacher (``RunConfig.route``)."""
     d = config.data
-    return load_prompts(
+    prompts = load_prompts(
         d.train_prompts, tokenizer, d.chat_template, config.rollout.max_prompt_length, d.on_overlong_prompt,
         template_kwargs=d.chat_template_kwargs, vocab_size=config.student.vocab_size,
     )  # fmt: skip
+    for prompt in prompts:  # every prompt has a teacher, before any model loads
+        try:
+            config.route(prompt.domain)
+        except ValueError as error:
+            raise ValueError(f"{d.train_prompts}: prompt {prompt.id!r}: {error}") from None
+    return prompts
 
 
 class PromptSampler:

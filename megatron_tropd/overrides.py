@@ -95,6 +95,10 @@ class _Edit:
             )
         elif self.prefix == "" and not present:
             raise ValueError(f"{self.key}: no entry {name!r}; add it with +{self.key}={self.raw_value}")
+        elif dataclasses.is_dataclass(value_type):  # a section as an entry: its fields, as in a config file
+            fields = parse_value(self.raw_value, Any, self.key)
+            base = entries.get(name, value_type())
+            updated[name] = _apply_mapping(base, base, fields, prefix=f"{self.key}.")
         else:
             updated[name] = _check_element(parse_value(self.raw_value, Any, self.key), value_type)
         return updated
@@ -127,6 +131,8 @@ def _replace_at(root: Any, node: Any, path: list[str], edit: _Edit) -> Any:
         value = edit.field_value(node, name, field_type)
     elif isinstance(child, dict) and len(path) == 2:
         value = edit.entry(child, path[1], (typing.get_args(field_type) or (Any, Any))[1])
+    elif isinstance(child, dict) and dataclasses.is_dataclass(child.get(path[1])):
+        value = {**child, path[1]: _replace_at(root, child[path[1]], path[2:], edit)}  # teachers.<n>.x
     elif dataclasses.is_dataclass(child):
         value = _replace_at(root, child, path[1:], edit)
     else:
@@ -157,11 +163,25 @@ def _apply_mapping(root: Any, node: Any, values: Mapping[str, Any], prefix: str)
         if not isinstance(name, str) or name not in fields:
             raise ValueError(_unknown_key_message(root, key))
         child = getattr(node, name)
+        entry_type = _dataclass_entry_type(fields[name])
         if dataclasses.is_dataclass(child):
             changes[name] = _apply_mapping(root, child, value, prefix=f"{key}.")
+        elif entry_type is not None and isinstance(value, Mapping):  # dict[str, Section]: merge per entry
+            changes[name] = {**child}
+            for entry, entry_values in value.items():
+                base = child.get(entry, entry_type())
+                changes[name][entry] = _apply_mapping(root, base, entry_values, prefix=f"{key}.{entry}.")
         else:
             changes[name] = coerce_value(value, fields[name], key)
     return dataclasses.replace(node, **changes)
+
+
+def _dataclass_entry_type(field_type: Any) -> type | None:
+    """``Section`` for a ``dict[str, Section]`` field (``RunConfig.teachers``), else None."""
+    if typing.get_origin(field_type) is not dict:
+        return None
+    value_type = typing.get_args(field_type)[1]
+    return value_type if dataclasses.is_dataclass(value_type) else None
 
 
 def _field_types(node: Any) -> dict[str, Any]:
@@ -222,6 +242,9 @@ def leaf_keys(config: Any, prefix: str = "") -> Iterator[str]:
         key = f"{prefix}{config_field.name}"
         if dataclasses.is_dataclass(value):
             yield from leaf_keys(value, prefix=f"{key}.")
+        elif isinstance(value, dict) and value and all(dataclasses.is_dataclass(v) for v in value.values()):
+            for entry, section in value.items():
+                yield from leaf_keys(section, prefix=f"{key}.{entry}.")
         else:
             yield key
 

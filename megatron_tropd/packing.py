@@ -65,10 +65,13 @@ def plan_packs(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return [sorted(rows) for rows in bins]
 
 
-def token_balanced_ranges(lengths: Sequence[int], parts: int) -> list[slice]:
+def token_balanced_ranges(lengths: Sequence[int], parts: int, allow_empty: bool = False) -> list[slice]:
     """``parts`` contiguous row ranges with token counts as even as a contiguous split allows: each split
-    is the row boundary whose running total is nearest its share. Every range holds at least one row."""
+    is the row boundary whose running total is nearest its share. Every range holds at least one row,
+    unless ``allow_empty`` (a sub-batch that may have fewer rows than ranks: the last ranges are empty)."""
     if len(lengths) < parts:
+        if allow_empty:
+            return [slice(min(part, len(lengths)), min(part + 1, len(lengths))) for part in range(parts)]
         raise ValueError(
             f"{len(lengths)} sequences cannot be split over {parts} data-parallel ranks; generate at least "
             "one rollout per data-parallel rank"

@@ -47,16 +47,24 @@ class PlacedModel:
         """The true (unpadded) vocabulary."""
         return self.config.vocab_size
 
-    def rows(self, num_rows: int, lengths: Sequence[int] | None = None) -> slice:
+    def rows(self, num_rows: int, lengths: Sequence[int] | None = None, uneven: bool = False) -> slice:
         """The rows of a global batch of ``num_rows`` that this rank's data-parallel replica owns: equal
-        counts, or, given each row's token count, balanced token counts."""
-        return replica_rows(num_rows, self.groups.data_parallel, self.groups.position.dp_rank, lengths)
+        counts, or, given each row's token count, balanced token counts (``uneven``: any number of rows,
+        some replicas possibly without one)."""
+        dp, dp_rank = self.groups.data_parallel, self.groups.position.dp_rank
+        return replica_rows(num_rows, dp, dp_rank, lengths, uneven)
 
-    def engine(self, max_sequence_length: int, max_batch_size: int, decoder: str = "auto"):
-        """A KV-cache ``MegatronGenerationEngine`` over this model's replica."""
+    def engine(
+        self,
+        max_sequence_length: int,
+        max_batch_size: int,
+        decoder: str = "auto",
+        batching: str = "continuous",
+    ):
+        """A KV-cache ``MegatronGenerationEngine`` over this model's replica (``rollout.batching``)."""
         from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
 
-        return MegatronGenerationEngine(self, max_sequence_length, max_batch_size, decoder)
+        return MegatronGenerationEngine(self, max_sequence_length, max_batch_size, decoder, batching)
 
 
 def one_model_groups(tensor_parallel: int, pipeline_parallel: int, seed: int) -> ModelGroups:

@@ -29,7 +29,7 @@ from megatron_tropd.packing import packed_microbatches, sequence_lengths, unpack
 from megatron_tropd.pipeline import run_microbatches
 from megatron_tropd.placed import PlacedModel
 from megatron_tropd.topology import ModelGroups
-from megatron_tropd.transfer import last_stage_holders, move_rows, plan_row_transfer
+from megatron_tropd.transfer import into_subset, last_stage_holders, move_rows, plan_row_transfer
 
 SignalFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -170,18 +170,49 @@ def draw_batch_trust_mask(batch: RolloutBatch, seed: int, step: int) -> torch.Te
     return draw_trust_mask(p_trust, seed, step, sample_ids, positions)
 
 
+@dataclass(frozen=True)
+class RoutedTeachers:
+    """Several teachers, each scoring only the rows routed to it."""
+
+    teachers: dict[str, PlacedModel]
+    routes: list[str]
+    """The teacher of each row of the global rollout batch."""
+
+    def subset(self, name: str) -> list[int]:
+        """The global rows routed to ``name``, ascending."""
+        return [row for row, route in enumerate(self.routes) if route == name]
+
+
 def score_batch(
-    batch: RolloutBatch, student: PlacedModel, teacher: PlacedModel, spec: ScoringSpec, step: int
+    batch: RolloutBatch,
+    student: PlacedModel,
+    teacher: PlacedModel | RoutedTeachers,
+    spec: ScoringSpec,
+    step: int,
 ) -> RolloutBatch:
     """Score the global rollout ``batch`` (the same on every rank); return this student rank's rows.
 
-    Four calls: the teacher's signals on its rows, the generating student's on its rows, the teacher's
-    moved onto the student's layout, the trust draw. On the student's last pipeline stage the rows carry
-    every signal (teacher log-prob, top-k, entropy, old student log-prob and entropy, trust mask); on
-    other stages they carry tokens and masks only.
+    Four calls: the teacher's signals on its rows, the teacher's moved onto the student's layout, the
+    generating student's on its rows, the trust draw. With ``RoutedTeachers`` each teacher scores the
+    rows routed to it, on its own layout, and the rows come together on the student's ranks. On the
+    student's last pipeline stage the rows carry every signal (teacher log-prob, top-k, entropy, old
+    student log-prob and entropy, trust mask); on other stages they carry tokens and masks only.
     """
     lengths = spec.row_lengths(batch)
+    if isinstance(teacher, RoutedTeachers):
+        teacher_for_me = routed_teacher_signals(batch, teacher, student.groups, spec, lengths)
+        return _with_student_signals(batch, student, spec, step, lengths, teacher_for_me)
     teacher_out = teacher_signals(batch, teacher, spec, lengths)
+    teacher_for_me = teacher_to_student_layout(
+        teacher_out, batch, teacher.groups, student.groups, spec, lengths
+    )
+    return _with_student_signals(batch, student, spec, step, lengths, teacher_for_me)
+
+
+def _with_student_signals(
+    batch: RolloutBatch, student: PlacedModel, spec: ScoringSpec, step: int, lengths, teacher_for_me
+) -> RolloutBatch:
+    """This student rank's rows with the teacher's signals, its own old log-probs and the trust mask."""
     rows = student.rows(batch.num_sequences, lengths)
     mine = batch.rows(rows)
     student_fn = student_signal_fn(student.tp_group, spec.vocab_size)
@@ -189,9 +220,6 @@ def score_batch(
         student, mine.tokens, spec.micro_batch_size, student_fn,
         lengths=lengths[rows] if lengths else None, max_tokens=spec.max_tokens,
     )  # fmt: skip
-    teacher_for_me = teacher_to_student_layout(
-        teacher_out, batch, teacher.groups, student.groups, spec, lengths
-    )
     if student_out is None:
         return mine
     mine = mine.with_signals(**teacher_for_me, **student_out)
@@ -229,3 +257,88 @@ def teacher_to_student_layout(
         ),
     )
     return move_rows(teacher_out, plan, _teacher_template(spec, batch.seq_length), batch.tokens.device)
+
+
+def routed_teacher_signals(
+    batch: RolloutBatch,
+    routed: RoutedTeachers,
+    student_groups: ModelGroups,
+    spec: ScoringSpec,
+    lengths: list[int] | None,
+) -> dict[str, torch.Tensor] | None:
+    """Each teacher's signals for the rows routed to it, gathered on the student ranks that train on
+    them (this rank's rows, every field; None off the student's last stage). Collective: every rank takes
+    the teachers in the same (sorted) order."""
+    world_size = dist.get_world_size()
+    receivers = last_stage_holders(student_groups, batch.num_sequences, world_size, False, lengths=lengths)
+    me = next((h for h in receivers if h.rank == dist.get_rank()), None)
+    template = _teacher_template(spec, batch.seq_length)
+    out = None
+    if me is not None:
+        out = {
+            name: torch.zeros(me.stop - me.start, *shape, dtype=dtype, device=batch.tokens.device)
+            for name, (shape, dtype) in template.items()
+        }
+    for name in sorted(routed.teachers):
+        subset = routed.subset(name)
+        if not subset:
+            continue
+        received = _one_teacher_subset(batch, subset, routed.teachers[name], receivers, spec)
+        if out is not None and received is not None:
+            local = torch.tensor(subset, device=batch.tokens.device)
+            local = local[(local >= me.start) & (local < me.stop)] - me.start
+            for field, value in received.items():
+                out[field][local] = value
+    return out
+
+
+def _one_teacher_subset(batch, subset: list[int], teacher: PlacedModel, receivers, spec: ScoringSpec):
+    """One teacher scores the global rows ``subset`` (split unevenly over its replicas by tokens) and
+    sends each student rank the ones it holds, in ascending order."""
+    sub = batch.rows(torch.tensor(subset, device=batch.tokens.device))
+    sub_lengths = sequence_lengths(sub)
+    rows = teacher.rows(len(subset), sub_lengths, uneven=True)
+    signal_fn = teacher_signal_fn(teacher.tp_group, spec.vocab_size, spec.topk, spec.with_teacher_entropy)
+    signals = None
+    if rows.stop > rows.start:  # a replica without rows runs nothing (its TP and PP ranks agree)
+        # Unpacked, one row a microbatch: a replica's share need not divide any micro_batch_size.
+        signals = forward_signals(
+            teacher, sub.tokens[rows], 1, signal_fn, lengths=sub_lengths[rows] if spec.max_tokens else None,
+            max_tokens=spec.max_tokens,
+        )  # fmt: skip
+    world_size = dist.get_world_size()
+    senders = last_stage_holders(teacher.groups, len(subset), world_size, True, sub_lengths, uneven=True)
+    plan = plan_row_transfer(senders=senders, receivers=into_subset(receivers, subset))
+    return move_rows(signals, plan, _teacher_template(spec, batch.seq_length), batch.tokens.device)
+
+
+def per_teacher_metrics(
+    scored: RolloutBatch, routes: list[str], names: list[str], groups: ModelGroups
+) -> dict[str, float]:
+    """Per teacher, over the loss-bearing tokens of the rows routed to it (``routes``: this rank's rows):
+    ``teacher/<name>/trust_fraction`` (tokens inside the trust region), ``.../outlier_share`` (outside
+    it), ``.../reward`` (mean ``log pi_T - log pi_S_old``, OPD's per-token reward) and ``.../rollouts``.
+    Summed over the student's data-parallel ranks; computed on its last stage (empty elsewhere)."""
+    if not groups.is_last_stage:
+        return {}
+    device = scored.tokens.device
+    sums = torch.zeros(len(names), 4, dtype=torch.float64, device=device)  # tokens, trusted, reward, rows
+    for index, name in enumerate(names):
+        rows = torch.tensor([route == name for route in routes], dtype=torch.bool, device=device)
+        mask = scored.loss_mask & rows.unsqueeze(-1)
+        reward = (scored.lp_teacher - scored.lp_student_old).double()
+        sums[index, 0] = mask.sum()
+        sums[index, 1] = (scored.trust_mask & mask).sum()
+        sums[index, 2] = (reward * mask).sum()
+        sums[index, 3] = rows.sum()
+    if groups.data_parallel > 1:
+        dist.all_reduce(sums, group=groups.dp_group)
+    metrics = {}
+    for index, name in enumerate(names):
+        tokens, trusted, reward, rollouts = sums[index].tolist()
+        share = trusted / tokens if tokens else float("nan")
+        metrics[f"teacher/{name}/trust_fraction"] = share
+        metrics[f"teacher/{name}/outlier_share"] = 1.0 - share if tokens else float("nan")
+        metrics[f"teacher/{name}/reward"] = reward / tokens if tokens else float("nan")
+        metrics[f"teacher/{name}/rollouts"] = rollouts
+    return metrics

@@ -13,7 +13,7 @@ Rank order follows Megatron's default ``tp-cp-ep-dp-pp`` (tensor fastest, pipeli
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
@@ -97,12 +97,22 @@ class ModelGroups:
 
 @dataclass
 class Topology:
-    """The job's two layouts."""
+    """The job's layouts: the student's, the (first) teacher's, and those of further teachers."""
 
     student: ModelGroups
     teacher: ModelGroups
     world_size: int
     rank: int
+    others: dict[ParallelLayout, ModelGroups] = field(default_factory=dict)
+
+    def groups_for(self, layout: ParallelLayout) -> ModelGroups:
+        """The groups of ``layout``: a layout the job has already, else new groups (collective: every rank
+        asks for the same layouts in the same order)."""
+        for known in (self.student, self.teacher, *self.others.values()):
+            if known.layout == layout:
+                return known
+        self.others[layout] = _explicit_groups(layout, self.world_size, self.rank, "teacher")
+        return self.others[layout]
 
 
 def _ranks_varying(layout: ParallelLayout, data_parallel: int, fixed: GridPosition, axes: tuple[str, ...]):
@@ -174,24 +184,33 @@ def build_topology(student: ParallelLayout, teacher: ParallelLayout) -> Topology
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call runtime.init_distributed() first")
     world_size, rank = dist.get_world_size(), dist.get_rank()
-    teacher_dp = teacher.data_parallel(world_size, "teacher")  # check both before creating any group
+    teacher.data_parallel(world_size, "teacher")  # check both before creating any group
     student_groups = _student_groups(student, world_size, rank)
     if teacher == student:
         return Topology(student_groups, student_groups, world_size, rank)
-    me = grid_position(rank, teacher, teacher_dp)
-    pgs = _explicit_pg_collection(teacher, teacher_dp, me)
-    pipeline = tuple(_ranks_varying(teacher, teacher_dp, me, ("pp_rank",)))
-    return Topology(student_groups, ModelGroups(teacher, teacher_dp, me, pgs, pipeline), world_size, rank)
+    return Topology(student_groups, _explicit_groups(teacher, world_size, rank, "teacher"), world_size, rank)
 
 
-def replica_rows(num_rows: int, data_parallel: int, dp_rank: int, lengths=None) -> slice:
+def _explicit_groups(layout: ParallelLayout, world_size: int, rank: int, who: str) -> ModelGroups:
+    """A frozen model's groups on ``layout``, created explicitly (collective on all ranks)."""
+    data_parallel = layout.data_parallel(world_size, who)
+    me = grid_position(rank, layout, data_parallel)
+    pgs = _explicit_pg_collection(layout, data_parallel, me)
+    pipeline = tuple(_ranks_varying(layout, data_parallel, me, ("pp_rank",)))
+    return ModelGroups(layout, data_parallel, me, pgs, pipeline)
+
+
+def replica_rows(
+    num_rows: int, data_parallel: int, dp_rank: int, lengths=None, uneven: bool = False
+) -> slice:
     """The contiguous rows of the global batch that data-parallel rank ``dp_rank`` owns: equal row counts,
-    or, given each row's token count in ``lengths``, balanced token counts (``packing``)."""
+    or, given each row's token count in ``lengths``, balanced token counts (``packing``); ``uneven`` (with
+    ``lengths``): a sub-batch of any size, some ranks possibly empty."""
     if lengths is None:
         return data_parallel_rows(num_rows, data_parallel, dp_rank)
     from megatron_tropd.packing import token_balanced_ranges
 
-    return token_balanced_ranges(lengths, data_parallel)[dp_rank]
+    return token_balanced_ranges(lengths, data_parallel, allow_empty=uneven)[dp_rank]
 
 
 def data_parallel_rows(num_rows: int, data_parallel: int, dp_rank: int) -> slice:

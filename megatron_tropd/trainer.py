@@ -56,15 +56,29 @@ class Job:
     config: RunConfig
     topology: Topology
     student: Student
-    teacher: PlacedModel
+    teachers: dict[str, PlacedModel]  # by name (``RunConfig.teacher_set``), each on its own layout
     student_engine: GenerationEngine  # on the student's layout
-    teacher_engine: GenerationEngine  # on the teacher's layout
+    teacher_engines: dict[str, GenerationEngine]  # each on its teacher's layout
     sampler: PromptSampler
     eos_token_id: int | None
     run_dir: Path
     evaluation: InTrainingEval | None = None
     nonfinite_streak: int = 0  # consecutive updates skipped for a non-finite loss or gradient
     nonfinite_total: int = 0  # skipped updates since this process started
+
+    @property
+    def teacher(self) -> PlacedModel:
+        """The teacher of a one-teacher job (the first by name otherwise)."""
+        return self.teachers[min(self.teachers)]
+
+    def scoring_teachers(self, routes: list[str]):
+        """What scores a batch whose rows go to ``routes``: the teacher itself, or each row's own
+        (``scoring.RoutedTeachers``)."""
+        from megatron_tropd.scoring import RoutedTeachers
+
+        if len(self.teachers) == 1:
+            return self.teacher
+        return RoutedTeachers(self.teachers, routes)
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -108,12 +122,12 @@ def _build_models(config: RunConfig):
     from megatron_tropd.topology import ParallelLayout
     from megatron_tropd.training import build_student
 
-    p = config.parallel
+    p, teachers = config.parallel, config.teacher_set()
+    layouts = {name: ParallelLayout(t.tensor_parallel, t.pipeline_parallel) for name, t in teachers.items()}
     topology = start(
-        ParallelLayout(p.student_tensor_parallel, p.student_pipeline_parallel),
-        ParallelLayout(p.teacher_tensor_parallel, p.teacher_pipeline_parallel),
+        ParallelLayout(p.student_tensor_parallel, p.student_pipeline_parallel), layouts[min(layouts)],
         seed=config.seed,
-    )
+    )  # fmt: skip
     optim = replace(config.optim, max_tokens_per_microbatch=config.packing_tokens)  # 0 resolved
     student = build_student(
         config.student, optim, topology.student, config.train_steps, config.seed,
@@ -121,11 +135,14 @@ def _build_models(config: RunConfig):
     )  # fmt: skip
     if config.checkpoint.student_init:
         load_model_weights(config.checkpoint.student_init, student.module, config.student)
-    teacher = place_model(
-        config.teacher, topology.teacher, weights=config.checkpoint.teacher, seed=config.seed + 1,
-        params_dtype=params_dtype_for(config.train.teacher_precision),
-    )  # fmt: skip
-    return topology, student, teacher
+    placed = {}
+    for index, name in enumerate(sorted(teachers)):  # the same order on every rank: groups are collective
+        teacher = teachers[name]
+        placed[name] = place_model(
+            teacher.model, topology.groups_for(layouts[name]), weights=teacher.checkpoint,
+            seed=config.seed + 1 + index, params_dtype=params_dtype_for(config.train.teacher_precision),
+        )  # fmt: skip
+    return topology, student, placed
 
 
 def _rows_per_replica(config: RunConfig, topology) -> int:
@@ -133,10 +150,11 @@ def _rows_per_replica(config: RunConfig, topology) -> int:
     return max(1, config.rollout.rollouts_per_step // topology.student.data_parallel)
 
 
-def _engines(config: RunConfig, topology, student: Student, teacher: PlacedModel):
+def _engines(config: RunConfig, topology, student: Student, teachers: dict[str, PlacedModel]):
     max_length = config.rollout.max_prompt_length + config.rollout.max_new_tokens
-    batch, decoder = _rows_per_replica(config, topology), config.rollout.decoder
-    return student.placed.engine(max_length, batch, decoder), teacher.engine(max_length, batch, decoder)
+    r, batch = config.rollout, _rows_per_replica(config, topology)
+    teacher_engines = {n: t.engine(max_length, batch, r.decoder, r.batching) for n, t in teachers.items()}
+    return student.placed.engine(max_length, batch, r.decoder, r.batching), teacher_engines
 
 
 def _in_training_eval(config: RunConfig, topology, student, tokenizer: Tokenizer | None):
@@ -216,15 +234,15 @@ def setup(config: RunConfig) -> tuple[Job, LoopState]:
     info = init_distributed()
     config.validate(info.world_size)
     set_seed(config.seed)
-    topology, student, teacher = _build_models(config)
+    topology, student, teachers = _build_models(config)
     tokenizer = run_tokenizer(config)
     prompts = load_run_prompts(config, tokenizer)  # the same prompts feed rollouts and teacher scoring
     run_dir = Path(config.checkpoint.save_dir)
     loop_state = _resume(config.checkpoint, run_dir / "checkpoints", student)
     sampler = PromptSampler(prompts, config.data.shuffle_seed, loop_state.data_position)
-    student_engine, teacher_engine = _engines(config, topology, student, teacher)
+    student_engine, teacher_engines = _engines(config, topology, student, teachers)
     eos = tokenizer.eos_token_id if tokenizer is not None else None
-    job = Job(config, topology, student, teacher, student_engine, teacher_engine, sampler, eos, run_dir)
+    job = Job(config, topology, student, teachers, student_engine, teacher_engines, sampler, eos, run_dir)
     if config.eval.interval:
         job.evaluation = _in_training_eval(config, topology, student, tokenizer)
     return job, loop_state
@@ -253,11 +271,8 @@ def _requests(job: Job, step: int, prompts: list[Prompt]) -> list[GenerationRequ
     if guided == 0 or limit == 0:
         return plain
     guided_rows = [i * r.samples_per_prompt + j for i in range(len(prompts)) for j in range(guided)]
-    teacher_sampling = _sampling(job, r.teacher_temperature, r.max_new_tokens, r.seed + 1)
-    teacher_out = generate_data_parallel(
-        job.teacher_engine, [plain[row] for row in guided_rows], teacher_sampling
-    )
-    responses = [out.generated_token_ids for out in teacher_out]
+    guided_requests = [plain[row] for row in guided_rows]
+    responses = _teacher_responses(job, guided_requests, _routes(job, prompts, guided_rows))
     lengths = draw_prefix_lengths(r.seed, step, [plain[row].sample_id for row in guided_rows],
                                   [len(x) for x in responses], limit)  # fmt: skip
     for row, response, length in zip(guided_rows, responses, lengths, strict=True):
@@ -271,8 +286,32 @@ def _requests(job: Job, step: int, prompts: list[Prompt]) -> list[GenerationRequ
     return plain
 
 
-def rollout(job: Job, step: int) -> tuple[RolloutBatch, dict]:
-    """Generate the step's global rollout batch (identical on every rank) and its length statistics."""
+def _routes(job: Job, prompts: list[Prompt], rows: list[int] | None = None) -> list[str]:
+    """The teacher of each rollout row (of ``rows`` only, when given): its prompt's (``RunConfig.route``)."""
+    per_prompt = job.config.rollout.samples_per_prompt
+    routes = [job.config.route(getattr(p, "domain", None)) for p in prompts for _ in range(per_prompt)]
+    return routes if rows is None else [routes[row] for row in rows]
+
+
+def _teacher_responses(job: Job, requests: list[GenerationRequest], routes: list[str]) -> list[list[int]]:
+    """Each guided request's full teacher response, written by the teacher it is routed to (one
+    collective generation per teacher, in name order)."""
+    r = job.config.rollout
+    sampling = _sampling(job, r.teacher_temperature, r.max_new_tokens, r.seed + 1)
+    responses: list[list[int]] = [[] for _ in requests]
+    for name in sorted(job.teacher_engines):
+        rows = [row for row, route in enumerate(routes) if route == name]
+        if not rows:
+            continue
+        out = generate_data_parallel(job.teacher_engines[name], [requests[row] for row in rows], sampling)
+        for row, result in zip(rows, out, strict=True):
+            responses[row] = result.generated_token_ids
+    return responses
+
+
+def rollout(job: Job, step: int) -> tuple[RolloutBatch, dict, list[str]]:
+    """Generate the step's global rollout batch (identical on every rank), its length statistics and
+    each row's teacher."""
     r = job.config.rollout
     prompts = job.sampler.next_batch(r.prompts_per_step)
     requests = _requests(job, step, prompts)
@@ -285,7 +324,7 @@ def rollout(job: Job, step: int) -> tuple[RolloutBatch, dict]:
         "response_length": sum(lengths) / len(lengths),
         "prefix_share": prefix_tokens / max(sum(lengths), 1),
     }
-    return batch, stats
+    return batch, stats, _routes(job, prompts)
 
 
 class StopRequest:
@@ -323,12 +362,13 @@ def train_one_step(job: Job, step: int) -> StepRecord:
 
     config = job.config
     started = time.perf_counter()
-    batch, stats = rollout(job, step)
+    batch, stats, routes = rollout(job, step)
     generated = time.perf_counter()
     spec = ScoringSpec.for_method(
         config.student.vocab_size, config.method, config.optim.micro_batch_size, config.packing_tokens
     )
-    scored = score_batch(batch, job.student.placed, job.teacher, spec, step)
+    scored = score_batch(batch, job.student.placed, job.scoring_teachers(routes), spec, step)
+    extra = _per_teacher(job, scored, routes, spec.row_lengths(batch))
     context = batch_context(
         config.method, scored, step, config.train_steps, job.topology.student, config.guidance_enabled
     )
@@ -342,7 +382,18 @@ def train_one_step(job: Job, step: int) -> StepRecord:
         rollout=stats, trained_tokens=int(batch.loss_mask.sum()),
         seconds=PhaseSeconds(generated - started, scored_at - generated, trained - scored_at),
         nonfinite_skipped=result.nonfinite_skipped, nonfinite_skipped_total=job.nonfinite_total,
+        extra=extra,
     )  # fmt: skip
+
+
+def _per_teacher(job: Job, scored: RolloutBatch, routes: list[str], lengths) -> dict[str, float]:
+    """Per-teacher trust, outlier share and reward of a multi-teacher job (nothing for one teacher)."""
+    from megatron_tropd.scoring import per_teacher_metrics
+
+    if len(job.teachers) == 1:
+        return {}
+    rows = job.student.placed.rows(len(routes), lengths)
+    return per_teacher_metrics(scored, routes[rows], sorted(job.teachers), job.topology.student)
 
 
 def _save(job: Job, step: int, in_background: bool = False) -> None:

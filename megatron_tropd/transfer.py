@@ -9,6 +9,7 @@ messages (one per field and overlapping pair) and local copies where sender and 
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,16 +51,17 @@ def last_stage_holders(
     world_size: int,
     first_tp_only: bool,
     lengths: Sequence[int] | None = None,
+    uneven: bool = False,
 ) -> list[RowHolder]:
     """Which ranks hold which rows of per-sequence results on a model's last pipeline stage
-    (``first_tp_only``: one holder per data-parallel replica, its TP rank 0). ``lengths``: each row's
-    token count, when data-parallel ranks split rows by tokens (``placed.PlacedModel.rows``)."""
+    (``first_tp_only``: one holder per data-parallel replica, its TP rank 0). ``lengths`` and ``uneven``:
+    how the data-parallel ranks split the rows (``placed.PlacedModel.rows``)."""
     holders = []
     for rank in range(world_size):
         position = grid_position(rank, groups.layout, groups.data_parallel)
         if position.pp_rank != groups.layout.pipeline_parallel - 1 or (first_tp_only and position.tp_rank):
             continue
-        rows = replica_rows(num_rows, groups.data_parallel, position.dp_rank, lengths)
+        rows = replica_rows(num_rows, groups.data_parallel, position.dp_rank, lengths, uneven)
         holders.append(RowHolder(rank, rows.start, rows.stop))
     return holders
 
@@ -120,3 +122,13 @@ def move_rows(
     if out is None:
         return None
     return {name: tensor.to(template[name][1]) for name, tensor in out.items()}
+
+
+def into_subset(holders: list[RowHolder], subset: Sequence[int]) -> list[RowHolder]:
+    """``holders`` of rows of a global batch, re-expressed over the sub-batch of global rows ``subset``
+    (ascending): a holder of ``[start, stop)`` holds the sub-batch rows that fall in it, which are
+    contiguous there too."""
+    return [
+        RowHolder(h.rank, bisect.bisect_left(subset, h.start), bisect.bisect_left(subset, h.stop))
+        for h in holders
+    ]

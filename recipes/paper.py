@@ -26,6 +26,7 @@ from megatron_tropd.config import (
     MethodConfig,
     ParallelConfig,
     RunConfig,
+    TeacherConfig,
 )
 from megatron_tropd.model_config import ModelConfig, qwen2_5_1_5b, qwen2_5_7b, qwen3_1_7b, qwen3_4b
 
@@ -124,6 +125,27 @@ def qwen3_multi(method: str = "tropd") -> RunConfig:
     )
 
 
+def deepseek_multi_two_teachers(method: str = "tropd") -> RunConfig:
+    """Setting 2 with one teacher per domain: math prompts to Skywork-OR1-Math-7B, code and science prompts
+    to Skywork-OR1-7B (the paper scores every domain with Skywork-OR1-7B; this splits it, each teacher at
+    TP4 beside the TP2 student). Prompts route by their ``domain`` field; those without one go to the
+    code teacher."""
+    config = deepseek_multi(method)
+    models = "${TROPD_MODELS_DIR}"
+    teachers = {
+        "math": TeacherConfig(_skywork_teacher(), f"{models}/skywork-or1-math-7b", tensor_parallel=4),
+        "code": TeacherConfig(
+            _skywork_teacher(), f"{models}/skywork-or1-7b", tensor_parallel=4, domains=["science"]
+        ),
+    }
+    data = dataclasses.replace(config.data, default_domain="code")
+    checkpoint = dataclasses.replace(config.checkpoint, teacher="")
+    return dataclasses.replace(
+        config, name=f"deepseek_multi_two_teachers_{method}", teachers=teachers, data=data,
+        checkpoint=checkpoint,
+    )  # fmt: skip
+
+
 def _bind(base: Callable[[str], RunConfig], method: str) -> Callable[[], RunConfig]:
     def recipe() -> RunConfig:
         return base(method)
@@ -134,13 +156,14 @@ def _bind(base: Callable[[str], RunConfig], method: str) -> Callable[[], RunConf
 
 
 def paper_recipes() -> dict[str, Callable[[], RunConfig]]:
-    """Every setting x every method of ``METHOD_NAMES``: ``deepseek_math_tropd``, ``qwen3_multi_opd``.
+    """Every setting x every method of ``METHOD_NAMES``: ``deepseek_math_tropd``, ``qwen3_multi_opd``,
+    ``deepseek_multi_two_teachers_tropd``.
 
     The math setting thereby has every row of the paper's Table 5 (``methods.TABLE5_METHODS``: OPD, Mask
     Outlier, Clip Outlier, stand-alone FKL, FKL Outlier, TrOPD Mask, TrOPD Clip, TrOPD). Recipes leave
     ``rollout.guidance`` at None, the method's own default (TrOPD family only), resolved at launch."""
     recipes: dict[str, Callable[[], RunConfig]] = {}
-    for base in (deepseek_math, deepseek_multi, qwen3_multi):
+    for base in (deepseek_math, deepseek_multi, qwen3_multi, deepseek_multi_two_teachers):
         for method in METHOD_NAMES:
             recipes[f"{base.__name__}_{method}"] = _bind(base, method)
     return recipes

@@ -3,7 +3,8 @@
 ``decoder="cached"`` (``rollout/decoder.py``: the model's own parameters, keys rotated once into the cache)
 and ``decoder="megatron"`` (``GPTModel.forward`` with Megatron's static KV cache) must both give, at
 every position, the logits a full no-cache forward gives: for each model family (Qwen2 q/k/v biases,
-Qwen3 q/k norms and a tied head, Llama-3 RoPE scaling), at TP1, TP2 and PP2. Also: the engine's
+Qwen3 q/k norms and a tied head, Llama-3 RoPE scaling), at TP1, TP2 and PP2; so must the cached decoder's
+continuous-batching steps (per-slot positions, chunked prefill, a reused slot). Also: the engine's
 first-batch check replaces a cached decoder that misreads the model, and "auto" falls back on features
 the cached decoder does not implement.
 """
@@ -54,6 +55,39 @@ def _stepwise_error(engine, model, groups, tokens: torch.Tensor) -> float | None
     return worst if groups.is_last_stage else None
 
 
+def _slot_error(engine, model, groups, tokens: torch.Tensor) -> float | None:
+    """Teacher-force the rows through continuous-batching steps: 2 slots for 3 rows of different prompt
+    lengths, prefilled 3 tokens per step, so a prefill chunk shares a step with decode tokens, and the
+    third row reuses the first row's slot, whose stale keys beyond the third row's position its decode
+    steps must not see (the other slot decodes further along). The largest logit difference from the
+    full forward at every drawn position (on the last stage; None elsewhere)."""
+    from megatron_tropd.rollout.decoder import CachedDecoder, SlotStep
+    from megatron_tropd.rollout.engine import GenerationRequest, SamplingParams
+    from megatron_tropd.rollout.slots import SlotScheduler
+
+    reference = full_logits(model, groups, tokens)[:, :, : engine.vocab_size]  # [b, S, V]
+    requests = [
+        GenerationRequest(tuple(tokens[row, :prompt].tolist()), row, max_new_tokens=TOTAL - prompt)
+        for row, prompt in enumerate((PREFILL, 2, 3))
+    ]
+    scheduler = SlotScheduler(requests, SamplingParams(), num_slots=2, prefill_chunk=3)
+    decoder = CachedDecoder(engine.model, 2, TOTAL, engine.device)
+    worst, reused = 0.0, False
+    while scheduler.refill():
+        segments = scheduler.take_step()
+        reused |= any(s.sample_id == 2 and s.slot == 0 for s in segments) and len(segments) == 2
+        step = SlotStep.build(segments, 2, engine.device)
+        logits = engine._forward_slots(decoder, step)
+        rows, positions = step.sample_ids.tolist(), step.sample_positions.tolist()
+        if logits is not None and rows:
+            expected = reference[rows, [position - 1 for position in positions]]
+            worst = max(worst, (logits[:, : engine.vocab_size] - expected).abs().max().item())
+        forced = [int(tokens[row, position]) for row, position in zip(rows, positions, strict=True)]
+        scheduler.record(step.sample_slots, forced, [0.0] * len(rows))
+    assert reused, "the third row should take the first row's slot while the second row decodes"
+    return worst if groups.is_last_stage else None
+
+
 def _decoder_worker(rank: int, world_size: int, tensor_parallel: int, pipeline_parallel: int) -> dict:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -73,6 +107,7 @@ def _decoder_worker(rank: int, world_size: int, tensor_parallel: int, pipeline_p
             for decoder in ("cached", "megatron"):
                 engine = MegatronGenerationEngine(_placed(model, groups), TOTAL, BATCH, decoder=decoder)
                 errors[architecture, decoder] = _stepwise_error(engine, model, groups, tokens)
+            errors[architecture, "cached slots"] = _slot_error(engine, model, groups, tokens)
             for parameter in model.parameters():  # an optimizer step updates weights in place
                 parameter.mul_(1.25)
             engine = MegatronGenerationEngine(_placed(model, groups), TOTAL, BATCH, decoder="cached")
@@ -139,7 +174,7 @@ def test_both_decoders_match_the_full_forward_at_every_step(tensor_parallel, pip
     measured = [r["errors"] for r in results if next(iter(r["errors"].values())) is not None]
     assert measured, "no rank held the last pipeline stage"
     for errors in measured:
-        assert len(errors) == 3 * len(ARCHITECTURES)
+        assert len(errors) == 4 * len(ARCHITECTURES)
         for (architecture, decoder), worst in errors.items():
             assert worst < TOLERANCE, f"{architecture} {decoder}: logits differ by {worst:.2e}"
     for result in results:

@@ -1,4 +1,5 @@
-"""Rollout generation: the KV-cache engine against full recomputation, across TP/PP layouts.
+"""Rollout generation: the KV-cache engine against full recomputation, across TP/PP layouts, with
+continuous and with static batching.
 
 The reference for every generated token is a full forward of the whole sequence so far (no KV cache),
 run on the same layout with explicit stage hand-off and a TP gather. One spawn per layout runs all the
@@ -143,13 +144,17 @@ def _generation_worker(rank: int, world_size: int, tensor_parallel: int, pipelin
     model.eval()
     placed = PlacedModel(model, groups, tiny("qwen2"))
     assert placed.vocab_size == VOCAB_SIZE
-    engine = MegatronGenerationEngine(placed, max_sequence_length=32, max_batch_size=4)
-    with torch.no_grad():
-        greedy = _check_greedy(model, groups, engine)
-        _check_stop(engine, greedy)
-        _check_request_budget(engine, greedy)
-        sampled = _check_sampling(model, groups, engine)
-    return {"greedy": greedy, "sampled": sampled}
+    tokens = {}
+    for batching in ("continuous", "static"):
+        engine = MegatronGenerationEngine(placed, max_sequence_length=32, max_batch_size=4, batching=batching)
+        with torch.no_grad():
+            greedy = _check_greedy(model, groups, engine)
+            _check_stop(engine, greedy)
+            _check_request_budget(engine, greedy)
+            sampled = _check_sampling(model, groups, engine)
+        tokens[batching] = {"greedy": greedy, "sampled": sampled}
+    assert tokens["continuous"] == tokens["static"], "continuous and static batching generated differently"
+    return tokens["continuous"]
 
 
 def test_kv_cache_generation_matches_full_recompute_at_tp1_tp2_pp2():

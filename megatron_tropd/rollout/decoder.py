@@ -15,6 +15,13 @@ MLP output are summed over the TP group (Megatron's row-parallel all-reduce) and
 embedding lookup goes through the model's own embedding module. Pipeline stages run their own layers;
 the engine hands hidden states between them.
 
+Continuous batching (``forward_slots``) gives every row (slot) its own positions. A step's tokens (one
+segment per slot: a prefill chunk or a decode token, ``SlotStep``) are packed into one sequence, so the
+linear layers see only real tokens; RoPE rotates each token at its own position and its key and value
+are written at (slot, position). The decode tokens attend in one batch over every slot's cache, with a
+mask that hides each slot's positions past its own query (never written, or left by the slot's previous
+request); each prefill chunk attends causally over its own slot's cache.
+
 ``unsupported_reason`` names what this decoder cannot reproduce (MoE, MLA, sequence or context
 parallelism, ...); for those models the engine falls back to Megatron's forward. Layer specs: Megatron's
 local layers and Transformer-Engine layers (whose QKV and FC1 carry the preceding norm's weight).
@@ -158,12 +165,14 @@ class _Rope:
         self.cos = torch.cos(freqs).to(dtype)
         self.sin = (torch.sin(freqs) * sign).to(dtype)
 
-    def rotate(self, t: torch.Tensor, start: int) -> torch.Tensor:
-        """RoPE on ``t [s, b, ..., d]`` at positions ``start .. start + s - 1``."""
+    def rotate(self, t: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """RoPE on ``t [s, b, ..., d]`` at positions ``start .. start + s - 1`` (``start`` an int), or at
+        the position of each of the ``s`` rows (``start`` a ``[s]`` int64 tensor: packed slots' tokens)."""
         length = t.shape[0]
         shape = (length,) + (1,) * (t.dim() - 2) + (self.dims,)
-        cos = self.cos[start : start + length].view(shape)
-        sin = self.sin[start : start + length].view(shape)
+        rows = slice(start, start + length) if isinstance(start, int) else start
+        cos = self.cos[rows].view(shape)
+        sin = self.sin[rows].view(shape)
         rotary, passed = t[..., : self.dims], t[..., self.dims :]
         first, second = rotary.chunk(2, dim=-1)
         rotated = rotary * cos + torch.cat((second, first), dim=-1) * sin
@@ -195,16 +204,121 @@ def _causal_mask(start: int, length: int, per_group: int, device: torch.device) 
     return key_positions.unsqueeze(0) <= query_positions.unsqueeze(1)
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive tokens of one slot's sequence, fed in one continuous-batching step: a chunk of the
+    slot's prompt + prefix, or the one token it sampled last."""
+
+    slot: int
+    start: int
+    """Position of the first token; the slot's cache already holds positions ``0 .. start - 1``."""
+    token_ids: tuple[int, ...]
+    sample_id: int
+    samples: bool
+    """The last token's logits draw the slot's next token (False for a prefill chunk with more to come)."""
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+
+def _int64(values, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _single_mask(singles: list[Segment], num_slots: int, every_slot: bool, device: torch.device):
+    """``(single_length, single_mask)`` of ``SlotStep`` for its one-token segments ``singles``."""
+    # A slot without a one-token segment gets query position 0: its row is computed and dropped, and
+    # key 0 keeps that row's softmax finite.
+    query_positions = [0] * num_slots
+    for segment in singles:
+        query_positions[segment.slot] = segment.start
+    length = max(query_positions) + 1
+    if not singles or (every_slot and len(set(query_positions)) == 1):
+        return length, None
+    keys = torch.arange(length, device=device)
+    mask = keys.unsqueeze(0) <= _int64(query_positions, device).unsqueeze(1)  # [B, L]
+    return length, mask.view(num_slots, 1, 1, length)
+
+
+@dataclass
+class SlotStep:
+    """One continuous-batching step: every segment's tokens packed into one sequence of ``T`` tokens.
+
+    The one-token segments (decode tokens) come first, then the longer ones (prefill chunks), each group
+    in slot order. Linear layers see ``T`` rows whatever the mix; attention runs the one-token segments
+    as one batch over every slot's cache and each longer segment against its own slot's cache.
+    """
+
+    tokens: torch.Tensor  # [1, T] int64: one packed sequence, the embedding's [b, s] with b = 1
+    positions: torch.Tensor  # [T] int64: each token's position in its slot's sequence
+    slots: torch.Tensor  # [T] int64
+    num_single: int
+    """Tokens ``0 .. num_single - 1`` are the one-token segments."""
+    single_slots: torch.Tensor | None  # [num_single] int64; None when they are slots 0 .. B-1 in order
+    single_length: int
+    """Cache positions the one-token segments attend over: one past the largest of their positions."""
+    single_mask: torch.Tensor | None
+    """``[B, 1, 1, single_length]`` bool, True where a slot's query may see the key: its own positions
+    up to its query's; hides positions not yet written and what an earlier request left in the slot.
+    None when every slot decodes at the same position (nothing to hide)."""
+    chunks: list[Segment]
+    """The longer segments, in token order after the one-token ones."""
+    sample_rows: torch.Tensor  # [n] int64: tokens whose logits draw a token
+    sample_slots: list[int]
+    """The slot of each drawn token, in the order of ``sample_rows``."""
+    sample_ids: torch.Tensor  # [n] int64
+    sample_positions: torch.Tensor  # [n] int64: the position each drawn token will take
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+    @classmethod
+    def build(cls, segments: list[Segment], num_slots: int, device: torch.device) -> SlotStep:
+        singles = [segment for segment in segments if len(segment.token_ids) == 1]
+        chunks = [segment for segment in segments if len(segment.token_ids) > 1]
+        tokens, positions, slots, sample_rows, sampling = [], [], [], [], []
+        for segment in singles + chunks:
+            tokens.extend(segment.token_ids)
+            positions.extend(range(segment.start, segment.end))
+            slots.extend([segment.slot] * len(segment.token_ids))
+            if segment.samples:
+                sample_rows.append(len(tokens) - 1)
+                sampling.append(segment)
+        single_slots = [segment.slot for segment in singles]
+        every_slot = single_slots == list(range(num_slots))
+        single_length, single_mask = _single_mask(singles, num_slots, every_slot, device)
+        return cls(
+            tokens=_int64(tokens, device).unsqueeze(0),
+            positions=_int64(positions, device),
+            slots=_int64(slots, device),
+            num_single=len(singles),
+            single_slots=None if every_slot else _int64(single_slots, device),
+            single_length=single_length,
+            single_mask=single_mask,
+            chunks=chunks,
+            sample_rows=_int64(sample_rows, device),
+            sample_slots=[segment.slot for segment in sampling],
+            sample_ids=_int64([segment.sample_id for segment in sampling], device),
+            sample_positions=_int64([segment.end for segment in sampling], device),
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The decoder
 # ---------------------------------------------------------------------------------------------------------
 
 
 class CachedDecoder:
-    """One model stage's decode state for one batch: feed tokens (or the previous stage's hidden states)
-    position by position; every call extends the cache by the positions it was given.
+    """One model stage's decode state for a batch of ``batch_size`` rows (slots), two ways to feed it:
 
-    ``max_length`` is the longest sequence of the batch (prompt + prefix + generation).
+    * ``forward`` (static batching): the next ``s`` positions of every row at once, one position counter
+      shared by the batch; every call extends the cache by the positions it was given.
+    * ``forward_slots`` (continuous batching): a ``SlotStep`` whose tokens sit at each slot's own
+      positions; the caller tracks each slot's length, and a slot may start a new sequence at position 0.
+
+    ``max_length`` is the longest sequence a row will hold (prompt + prefix + generation).
     """
 
     def __init__(self, model: torch.nn.Module, batch_size: int, max_length: int, device: torch.device):
@@ -224,8 +338,10 @@ class CachedDecoder:
         self.rope = _Rope(self.model, max_length, config.params_dtype, device)
         self.positions = torch.arange(max_length, device=device).expand(batch_size, max_length)
         shape = (len(self.weights), batch_size, self.groups, max_length, self.dims)
-        self.keys = torch.empty(shape, dtype=config.params_dtype, device=device)
-        self.values = torch.empty(shape, dtype=config.params_dtype, device=device)
+        # Zeros, not empty: a slot step's attention reads (masked) positions no token has written yet, and a
+        # NaN bit pattern there would survive the mask (softmax weight 0 times NaN value is NaN).
+        self.keys = torch.zeros(shape, dtype=config.params_dtype, device=device)
+        self.values = torch.zeros(shape, dtype=config.params_dtype, device=device)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -248,6 +364,71 @@ class CachedDecoder:
         self.length += length
         return self._logits(hidden[-1]) if self.model.post_process else hidden
 
+    @torch.no_grad()
+    def forward_slots(self, step: SlotStep, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Run this stage on one continuous-batching step.
+
+        The first stage embeds ``step.tokens``; later stages take ``hidden [T, 1, h]`` from the stage
+        before. Each token's key and value go to its slot's cache at its position. Returns the gathered
+        logits ``[n, V_padded]`` of ``step.sample_rows`` on the last stage, else the hidden states
+        ``[T, 1, h]`` to send on.
+        """
+        if hidden is None:
+            hidden = self.model.embedding(input_ids=step.tokens, position_ids=step.positions.unsqueeze(0))
+        device = hidden.device
+        chunk_masks = [_causal_mask(c.start, len(c.token_ids), self.per_group, device) for c in step.chunks]
+        for index, weights in enumerate(self.weights):
+            hidden = hidden + self._slot_attention(index, weights, hidden, step, chunk_masks)
+            hidden = hidden + self._mlp(weights, hidden)
+        if not self.model.post_process:
+            return hidden
+        return self._logits(hidden[step.sample_rows, 0])
+
+    def _slot_attention(
+        self, index: int, weights: _LayerWeights, hidden: torch.Tensor, step: SlotStep, chunk_masks: list
+    ) -> torch.Tensor:
+        query, key, value = self._qkv(weights, hidden)  # batch dim 1: the packed tokens
+        query = self.rope.rotate(query, step.positions)[:, 0]  # [T, g, j, d]
+        self.keys[index, step.slots, :, step.positions] = self.rope.rotate(key, step.positions)[:, 0]
+        self.values[index, step.slots, :, step.positions] = value[:, 0]
+        outputs = []
+        if step.num_single:
+            outputs.append(self._single_attention(index, query[: step.num_single], step))
+        offset = step.num_single
+        for chunk, mask in zip(step.chunks, chunk_masks, strict=True):
+            end = offset + len(chunk.token_ids)
+            outputs.append(self._chunk_attention(index, query[offset:end], chunk, mask))
+            offset = end
+        out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]  # [T, heads * d]
+        return self._reduce(_linear(out.unsqueeze(1), weights.proj))
+
+    def _single_attention(self, index: int, query: torch.Tensor, step: SlotStep) -> torch.Tensor:
+        """``query [n, g, j, d]`` of the one-token segments -> ``[n, heads * d]``, one batch over the
+        slots: a group's ``j`` query heads stand in SDPA's sequence dim against the group's keys."""
+        rows = query
+        if step.single_slots is not None:  # scatter into every slot's row: the cache is not copied
+            shape = (self.keys.shape[1],) + query.shape[1:]
+            rows = query.new_zeros(shape).index_copy_(0, step.single_slots, query)
+        keys = self.keys[index, :, :, : step.single_length]
+        values = self.values[index, :, :, : step.single_length]
+        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=step.single_mask, scale=self.scale)
+        if step.single_slots is not None:
+            out = out.index_select(0, step.single_slots)
+        return out.reshape(query.shape[0], -1)
+
+    def _chunk_attention(
+        self, index: int, query: torch.Tensor, chunk: Segment, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``query [c, g, j, d]`` of one slot's prefill chunk, causal over that slot's cache ->
+        ``[c, heads * d]``."""
+        length = query.shape[0]
+        rows = query.permute(1, 2, 0, 3).reshape(1, self.groups, self.per_group * length, self.dims)
+        keys = self.keys[index, chunk.slot : chunk.slot + 1, :, : chunk.end]
+        values = self.values[index, chunk.slot : chunk.slot + 1, :, : chunk.end]
+        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=self.scale)
+        out = out.view(self.groups, self.per_group, length, self.dims).permute(2, 0, 1, 3)
+        return out.reshape(length, -1)
+
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.epsilon)
 
@@ -258,9 +439,9 @@ class CachedDecoder:
             dist.all_reduce(partial, group=self.tp_group)
         return partial
 
-    def _attention(
-        self, index: int, weights: _LayerWeights, hidden: torch.Tensor, start: int, mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _qkv(self, weights: _LayerWeights, hidden: torch.Tensor):
+        """Queries ``[s, b, g, j, d]``, keys and values ``[s, b, g, d]`` of ``hidden [s, b, h]`` (q/k norms
+        applied, RoPE not yet)."""
         length, batch, _ = hidden.shape
         per_group = self.per_group
         mixed = _linear(self._norm(hidden, weights.input_norm), weights.qkv, weights.qkv_bias)
@@ -269,6 +450,14 @@ class CachedDecoder:
         if weights.q_norm is not None:
             query = self._norm(query, weights.q_norm)
             key = self._norm(key, weights.k_norm)
+        return query, key, value
+
+    def _attention(
+        self, index: int, weights: _LayerWeights, hidden: torch.Tensor, start: int, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        length, batch, _ = hidden.shape
+        per_group = self.per_group
+        query, key, value = self._qkv(weights, hidden)
         end = start + length
         self.keys[index, :, :, start:end] = self.rope.rotate(key, start).permute(1, 2, 0, 3)
         self.values[index, :, :, start:end] = value.permute(1, 2, 0, 3)

@@ -7,15 +7,27 @@ into the cache; 2.4x faster than "megatron" in ``bench/generation.py``) or "mega
 with Megatron's ``StaticInferenceContext``, for models the first cannot run exactly); "auto" picks. On
 its first batch the engine compares the two decoders' prefill logits and keeps "megatron" if they differ.
 
-* **Variable-length prompts**, left-aligned. One prefill runs the shortest prompt+prefix length common to
-  all rows; after that every step feeds one token per row: the row's next forced token (prompt or prefix)
-  while it has one, else the token just sampled. One position offset serves the whole batch, which this
-  scheme respects, and forced tokens are never sampled.
+* **Continuous batching** (``batching="continuous"``, the default; cached decoder only): ``max_batch_size``
+  slots, each with its own positions. Every step packs one segment per occupied slot into one forward:
+  the next ``prefill_chunk`` forced tokens (prompt + prefix) of a slot that has just taken a request, or
+  the one token a decoding slot sampled last. So refills are prefilled in the same steps that decode the
+  other slots, and a slot whose row ends takes the next waiting request on the next step (policy:
+  ``slots.py``; per-slot attention: ``CachedDecoder.forward_slots``).
+* **Static batching** (``batching="static"``): chunks of ``max_batch_size`` requests, left-aligned. One
+  prefill runs the shortest prompt+prefix length common to all rows; after that every step feeds one
+  token per row: the row's next forced token while it has one, else the token just sampled, until the
+  longest row ends. One position offset serves the whole batch (the only scheme the "megatron" decoder
+  can run). Forced tokens are never sampled on either path.
+* **Batching invariance**: a row's logits do not depend on the other rows (up to fp32 summation order)
+  and its randomness is keyed by its own (seed, sample id, position), so both paths, any
+  ``max_batch_size``, any slot and any arrival order give a request the same tokens.
 * **TP**: the last stage's logits are gathered over TP. ``batch x vocab`` per step is small, and every TP
   rank then holds the same bytes.
-* **PP > 1**: each step, stage ``i`` receives the hidden states ``[s, b, h]`` from stage ``i - 1``, runs
-  its layers and sends them on; the last stage samples and broadcasts (token, log-prob) to its pipeline
-  over ``groups.pp_group``.
+* **PP > 1**: each step, stage ``i`` receives the hidden states ``[s, b, h]`` from stage ``i - 1`` (a
+  continuous step's packed tokens travel as ``[T, 1, h]``), runs its layers and sends them on; the last
+  stage samples and broadcasts (token, log-prob) to its pipeline over ``groups.pp_group``. Every rank
+  runs the same slot scheduler on those broadcast tokens, so all stages agree on which slots end and
+  refill, and on the next step's shape; TP ranks sample from the same gathered logits and agree too.
 * **Randomness** is stateless: the uniform for a token is the sampling stream's (``ops/streams.py``) at
   (seed, sample id, position), turned into a token by inverse-CDF sampling. So every rank draws the same
   token, a request's tokens do not depend on the other requests in its batch, and re-runs reproduce.
@@ -35,6 +47,7 @@ against 0.19 (on another layer layout, "auto" falls back when ``unsupported_reas
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,10 +56,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from megatron_tropd.config import DECODERS
+from megatron_tropd.config import BATCHINGS, DECODERS
 from megatron_tropd.ops.streams import Stream, stream_uniform
-from megatron_tropd.rollout.decoder import CachedDecoder, unsupported_reason
+from megatron_tropd.rollout.decoder import CachedDecoder, SlotStep, unsupported_reason
 from megatron_tropd.rollout.engine import GenerationRequest, GenerationResult, SamplingParams
+from megatron_tropd.rollout.slots import GenerationStats, SlotScheduler
 from megatron_tropd.runtime import cpu_mode_suspended, default_device
 
 if TYPE_CHECKING:  # placed.PlacedModel.engine builds this engine: a run-time import would be a cycle
@@ -83,9 +97,12 @@ def filter_logprobs(logprobs: torch.Tensor, top_k: int, top_p: float) -> torch.T
     return logprobs - logprobs.logsumexp(-1, keepdim=True)
 
 
-def sampling_uniforms(seed: int, sample_ids: torch.Tensor, position: int) -> torch.Tensor:
-    """``[b]`` float64 in (0, 1): a pure function of (seed, sample id, position of the drawn token)."""
-    positions = torch.full_like(sample_ids, position)
+def sampling_uniforms(seed: int, sample_ids: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
+    """``[b]`` float64 in (0, 1): a pure function of (seed, sample id, position of the drawn token).
+
+    ``position`` is one int for the whole batch (static batching) or a ``[b]`` int64 tensor, one per row
+    (continuous batching); either way the key of a row is its own (seed, sample id, position)."""
+    positions = position if isinstance(position, torch.Tensor) else torch.full_like(sample_ids, position)
     return stream_uniform(Stream.SAMPLING, seed, sample_ids, positions)
 
 
@@ -137,6 +154,19 @@ def _choose_decoder(decoder: str, model: torch.nn.Module) -> str:
     return "megatron"
 
 
+def _check_batching(batching: str, prefill_chunk: int) -> None:
+    if batching not in BATCHINGS:
+        raise ValueError(f"batching={batching!r} is not one of {', '.join(BATCHINGS)}")
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk={prefill_chunk}: a slot must feed at least 1 token per step")
+
+
+def _common_prefix(chunk: Sequence[GenerationRequest]) -> torch.Tensor:
+    """``[b, p]`` int64: the first ``p`` forced tokens of each request, ``p`` the shortest forced length."""
+    length = min(r.forced_length for r in chunk)
+    return torch.tensor([(*r.prompt_token_ids, *r.prefix_token_ids)[:length] for r in chunk])
+
+
 @dataclass
 class _ChunkState:
     """Decoding state of one batch of rows (all tensors on the engine's device)."""
@@ -158,9 +188,15 @@ class _ChunkState:
 class MegatronGenerationEngine:
     """``GenerationEngine`` over one model replica (its TP x PP ranks); collective over those ranks.
 
-    Every rank of the replica calls ``generate`` with the same requests and gets the same results.
-    Requests are processed in chunks of ``max_batch_size`` rows; each row's prompt + prefix +
-    ``max_new_tokens`` must fit in ``max_sequence_length`` (the KV cache's length).
+    Every rank of the replica calls ``generate`` with the same requests and gets the same results. Each
+    row's prompt + prefix + ``max_new_tokens`` must fit in ``max_sequence_length`` (the KV cache's length).
+
+    ``batching="continuous"`` (default): ``max_batch_size`` slots; a slot whose row ends takes the next
+    waiting request, which is prefilled ``prefill_chunk`` tokens per step in the same steps that decode
+    the other slots (``rollout/slots.py``, ``CachedDecoder.forward_slots``). ``batching="static"``:
+    chunks of ``max_batch_size`` requests, each decoded until its longest row ends. The "megatron" decoder
+    has no per-slot positions, so with it generation batches statically (a warning says so).
+    ``stats`` describes the last ``generate`` call's use of the slots.
     """
 
     def __init__(
@@ -169,12 +205,15 @@ class MegatronGenerationEngine:
         max_sequence_length: int,
         max_batch_size: int,
         decoder: str = "auto",
+        batching: str = "continuous",
+        prefill_chunk: int = 512,
     ):
         if max_batch_size < 1 or max_sequence_length < 2:
             raise ValueError(
                 f"max_batch_size={max_batch_size} and max_sequence_length={max_sequence_length}: need at "
                 "least 1 row and 2 positions (a prompt token and one generated token)"
             )
+        _check_batching(batching, prefill_chunk)
         self.placed = placed
         self.model = model = placed.stage
         self.groups = placed.groups
@@ -183,7 +222,22 @@ class MegatronGenerationEngine:
         self.max_batch_size = max_batch_size
         self.device = default_device()
         self.decoder = _choose_decoder(decoder, model)
+        self.batching, self.prefill_chunk = batching, prefill_chunk
         self._cached_checked = False
+        self._warned_static = False
+        self.stats = GenerationStats()
+
+    def _effective_batching(self) -> str:
+        """Continuous batching needs per-slot positions, which only the cached decoder has."""
+        if self.batching == "continuous" and self.decoder == "megatron":
+            if not self._warned_static:
+                self._warned_static = True
+                logger.warning(
+                    "batching='continuous' needs per-slot positions, which decoder='megatron' "
+                    "(GPTModel.forward with a StaticInferenceContext) does not have; batching statically"
+                )
+            return "static"
+        return self.batching
 
     def generate(
         self, requests: Sequence[GenerationRequest], sampling: SamplingParams
@@ -191,9 +245,19 @@ class MegatronGenerationEngine:
         """One result per request, in order. The model is put in eval mode and restored afterwards."""
         sampling.validate()
         self._validate(requests, sampling)
+        self.stats = GenerationStats()
+        if not requests:
+            return []
         was_training = self.model.training
         self.model.eval()
         try:
+            if self.decoder == "cached" and not self._cached_checked:
+                with torch.no_grad():
+                    self._check_cached_decoder(
+                        _common_prefix(requests[: self.max_batch_size]).to(self.device)
+                    )
+            if self._effective_batching() == "continuous":
+                return self._generate_continuous(requests, sampling)
             results = []
             for start in range(0, len(requests), self.max_batch_size):
                 chunk = list(requests[start : start + self.max_batch_size])
@@ -240,33 +304,61 @@ class MegatronGenerationEngine:
 
     @torch.no_grad()
     def _generate_chunk(self, chunk: list[GenerationRequest], sampling: SamplingParams):
+        """Static batching: one batch of rows, decoded until its longest row ends."""
         max_total = max(r.forced_length + r.budget(sampling) for r in chunk)
         state = self._new_state(chunk, max_total, sampling)
         position = min(r.forced_length for r in chunk)  # the prefill covers what every row has forced
         step_input = state.tokens[:, :position]  # [b, s]
-        if self.decoder == "cached" and not self._cached_checked:
-            self._check_cached_decoder(step_input, max_total)
         stage = self._new_stage(len(chunk), max_total)
         # No stop tokens (the common case): skip the per-step membership test.
         stop_ids = None
         if sampling.stop_token_ids:
             stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.int64, device=self.device)
+        useful = torch.zeros((), dtype=torch.int64, device=self.device)  # read once, after the loop
+        steps = 0
         # The cached decoder's loop runs plain torch ops only: it needs none of CPU mode's interception.
         with cpu_mode_suspended() if self.decoder == "cached" else contextlib.nullcontext():
-            while not state.finished(position).all():
+            while not (finished := state.finished(position)).all():
+                useful += (~finished).sum()
                 logits = self._forward(stage, step_input)  # [b, V_padded] on the last stage
                 sampled, logprobs = self._sample(logits, sampling, state.sample_ids, position)
                 self._record(state, position, sampled, logprobs, stop_ids)
                 step_input = state.tokens[:, position : position + 1]  # [b, 1]
                 position += 1
+                steps += 1
+        self.stats.steps += steps
+        self.stats.slot_steps += steps * len(chunk)
+        self.stats.useful_slot_steps += int(useful)
+        self.stats.generated_tokens += int(state.num_generated.sum())
         return [self._result(state, row, request) for row, request in enumerate(chunk)]
 
-    def _check_cached_decoder(self, prefill: torch.Tensor, max_length: int) -> None:
+    @torch.no_grad()
+    def _generate_continuous(self, requests: Sequence[GenerationRequest], sampling: SamplingParams):
+        """Continuous batching over ``max_batch_size`` slots with the cached decoder (see ``slots.py``).
+
+        Each step packs every occupied slot's segment (a prefill chunk or one decode token) into one
+        forward; the tokens it draws go to every rank of the pipeline before the scheduler reads them.
+        """
+        num_slots = min(self.max_batch_size, len(requests))
+        scheduler = SlotScheduler(requests, sampling, num_slots, self.prefill_chunk)
+        max_length = max(r.forced_length + r.budget(sampling) for r in requests)
+        decoder = CachedDecoder(self.model, num_slots, max_length, self.device)
+        with cpu_mode_suspended():
+            while scheduler.refill():
+                step = SlotStep.build(scheduler.take_step(), num_slots, self.device)
+                logits = self._forward_slots(decoder, step)  # [n, V_padded] on the last stage
+                if step.sample_slots:  # a step of prefill chunks only draws nothing
+                    tokens, logprobs = self._sample(logits, sampling, step.sample_ids, step.sample_positions)
+                    scheduler.record(step.sample_slots, tokens.tolist(), logprobs.tolist())
+        self.stats = scheduler.stats
+        return scheduler.results
+
+    def _check_cached_decoder(self, prefill: torch.Tensor) -> None:
         """Once per engine: the cached decoder's prefill logits against Megatron's forward on the same
         tokens. Where they disagree (a layer layout or a device the decoder misreads), warn and generate
         with Megatron's forward from then on. Costs one extra prefill."""
         self._cached_checked = True
-        batch = prefill.shape[0]
+        batch, max_length = prefill.shape
         cached = self._forward(CachedDecoder(self.model, batch, max_length, self.device), prefill)
         stage = _MegatronStage(self.model, batch, max_length, self.device, self.groups.is_last_stage)
         reference = self._forward(stage, prefill)
@@ -324,6 +416,16 @@ class MegatronGenerationEngine:
         Returns the gathered last-position logits ``[b, V_padded]`` on the last stage, None elsewhere.
         """
         batch, length = step_input.shape
+        return self._pipeline_forward(batch, length, lambda hidden: stage.forward(step_input, hidden))
+
+    def _forward_slots(self, decoder: CachedDecoder, step: SlotStep) -> torch.Tensor | None:
+        """One continuous-batching step through this stage: the packed tokens travel as a batch of one
+        sequence of ``step.num_tokens``; the last stage returns the drawn rows' logits ``[n, V_padded]``."""
+        return self._pipeline_forward(1, step.num_tokens, functools.partial(decoder.forward_slots, step))
+
+    def _pipeline_forward(self, batch: int, length: int, run_stage) -> torch.Tensor | None:
+        """``run_stage(hidden)`` on this stage (``hidden [length, batch, h]`` received from the stage before,
+        None on the first), its output sent to the next stage; the last stage's output is returned."""
         hidden = None
         if not self.groups.is_first_stage:
             config = self.model.config
@@ -331,7 +433,7 @@ class MegatronGenerationEngine:
                 length, batch, config.hidden_size, dtype=config.pipeline_dtype, device=self.device
             )
             dist.recv(hidden, src=self._stage_rank(-1), group=self.groups.pp_group)
-        output = stage.forward(step_input, hidden)
+        output = run_stage(hidden)
         if not self.groups.is_last_stage:
             dist.send(output.contiguous(), dst=self._stage_rank(+1), group=self.groups.pp_group)
             return None
@@ -341,8 +443,10 @@ class MegatronGenerationEngine:
         """Global rank of the neighbouring stage (same TP rank) ``step`` stages down the pipeline."""
         return self.groups.pipeline_ranks[self.groups.position.pp_rank + step]
 
-    def _sample(self, logits, sampling: SamplingParams, sample_ids: torch.Tensor, position: int):
-        """Sample on the last stage, then broadcast ``(tokens [b], logprobs [b])`` to the whole pipeline."""
+    def _sample(self, logits, sampling: SamplingParams, sample_ids: torch.Tensor, position):
+        """Sample on the last stage, then broadcast ``(tokens [b], logprobs [b])`` to the whole pipeline.
+
+        ``position``: where the drawn tokens go, one int for the batch or a ``[b]`` tensor per row."""
         if self.groups.is_last_stage:
             # Greedy reads no uniforms; the hash costs a few dozen small ops per step, so skip it.
             uniforms = None

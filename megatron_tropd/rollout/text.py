@@ -15,7 +15,13 @@ import torch.distributed as dist
 
 from megatron_tropd.data import Tokenizer, encode_prompt
 from megatron_tropd.rollout.engine import GenerationRequest, GenerationResult, SamplingParams
-from megatron_tropd.topology import data_parallel_rows
+
+
+def _replica_requests(count: int, data_parallel: int, dp_rank: int) -> slice:
+    """Contiguous near-equal shares (equal when ``data_parallel`` divides ``count``; a replica may get
+    none when there are fewer requests than replicas: it then generates nothing)."""
+    start = dp_rank * count // data_parallel
+    return slice(start, (dp_rank + 1) * count // data_parallel)
 
 
 def generate_data_parallel(
@@ -24,7 +30,7 @@ def generate_data_parallel(
     """Each data-parallel replica of the engine's model generates its slice of ``requests``; every rank
     gets all results."""
     groups = engine.groups
-    rows = data_parallel_rows(len(requests), groups.data_parallel, groups.position.dp_rank)
+    rows = _replica_requests(len(requests), groups.data_parallel, groups.position.dp_rank)
     mine = engine.generate(list(requests[rows]), sampling)
     if groups.data_parallel == 1:
         return mine
