@@ -42,8 +42,8 @@ def _requests_as_launched(monkeypatch, recipe: str, overrides: list[str]):
 
     monkeypatch.setattr(trainer, "generate_data_parallel", fake_generate)
     job = types.SimpleNamespace(
-        config=config, teacher_engines={"teacher": "teacher engine"}, topology=types.SimpleNamespace(teacher=None),
-        eos_token_id=None,
+        config=config, teacher_engines={"teacher": "teacher engine"},
+        topology=types.SimpleNamespace(teacher=None), eos_token_id=None,
     )  # fmt: skip
     prompts = [types.SimpleNamespace(token_ids=(1, 2, 3))] * config.rollout.prompts_per_step
     requests = trainer._requests(job, 0, prompts)

@@ -98,3 +98,30 @@ def vocab_parallel_agreement_ratio(student_logits, teacher_logits, token_ids, vo
     p_s = vocab_parallel_log_prob(student_logits, token_ids, vocab_size).exp()
     p_t = vocab_parallel_log_prob(teacher_logits, token_ids, vocab_size).exp()
     return torch.minimum(p_t / p_s, torch.ones_like(p_s))
+
+
+def vocab_parallel_full_divergence(
+    logits, teacher_logits, vocab_size, kind="forward_kl", beta=0.5, token_mask=None
+):
+    """Oracle of ``full_vocab.vocab_parallel_full_divergence``, from the dense teacher logits ``[..., V]``
+    (``h_T @ W_T^T``) instead of its hidden states and weight: per-token divergence ``[...]``.
+
+    ``forward_kl`` = KL(p_T || p_S), ``reverse_kl`` = KL(p_S || p_T), ``jsd`` = beta KL(p_T || M) +
+    (1 - beta) KL(p_S || M) with M = beta p_T + (1 - beta) p_S (beta: the teacher's weight, GKD's
+    convention). Masked tokens (``token_mask`` False) are 0. The teacher is detached.
+    """
+    lp_s = _log_softmax(logits, vocab_size)
+    lp_t = _log_softmax(teacher_logits.detach(), vocab_size)
+    p_s, p_t = lp_s.exp(), lp_t.exp()
+    if kind == "forward_kl":
+        value = _plogp_ratio(p_t, lp_t, lp_s).sum(-1)
+    elif kind == "reverse_kl":
+        value = _plogp_ratio(p_s, lp_s, lp_t).sum(-1)
+    elif kind == "jsd":
+        log_mix = (beta * p_t + (1 - beta) * p_s).log()
+        value = beta * _plogp_ratio(p_t, lp_t, log_mix).sum(-1) + (1 - beta) * _plogp_ratio(
+            p_s, lp_s, log_mix
+        ).sum(-1)
+    else:
+        raise ValueError(f"unknown divergence {kind!r}")
+    return value if token_mask is None else torch.where(token_mask, value, torch.zeros_like(value))
