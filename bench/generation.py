@@ -42,28 +42,18 @@ def model_config(args):
 
 def _megatron_generates(args, prompts: torch.Tensor) -> dict:
     """Build the model once; return, per decoder, a function that generates the batch once."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from megatron_tropd.models import build_gpt_model
-    from megatron_tropd.placed import PlacedModel
+    from megatron_tropd.placed import one_model_groups, place_model
     from megatron_tropd.rollout import GenerationRequest, SamplingParams
     from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
-    from megatron_tropd.runtime import enable_cpu_mode
-    from megatron_tropd.topology import ParallelLayout, build_topology
 
-    enable_cpu_mode()
-    groups = build_topology(ParallelLayout(args.tp), ParallelLayout(args.tp)).student
-    model_parallel_cuda_manual_seed(1234)
-    model = build_gpt_model(
-        model_config(args), groups.pg_collection, pre_process=True, post_process=True,
-        tensor_parallel_size=args.tp, pipeline_parallel_size=1, seed=0,
-    )  # fmt: skip
+    groups = one_model_groups(args.tp, 1, seed=1234)
+    placed = place_model(model_config(args), groups, seed=0)
     requests = [GenerationRequest(tuple(row.tolist()), sample_id=i) for i, row in enumerate(prompts)]
     sampling = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens)
 
     def runner(decoder: str):
         engine = MegatronGenerationEngine(
-            PlacedModel(model, groups, model_config(args)),
+            placed,
             max_sequence_length=prompts.shape[1] + args.new_tokens, max_batch_size=prompts.shape[0],
             decoder=decoder,
         )  # fmt: skip

@@ -65,23 +65,11 @@ def workload(args) -> list:
 
 def _engines(args) -> dict:
     """Build the model once; one engine per batching over it."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from megatron_tropd.models import build_gpt_model
-    from megatron_tropd.placed import PlacedModel
+    from megatron_tropd.placed import one_model_groups, place_model
     from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
-    from megatron_tropd.runtime import enable_cpu_mode
-    from megatron_tropd.topology import ParallelLayout, build_topology
 
-    enable_cpu_mode()
-    groups = build_topology(ParallelLayout(args.tp), ParallelLayout(args.tp)).student
-    model_parallel_cuda_manual_seed(1234)
-    config = model_config(args)
-    model = build_gpt_model(
-        config, groups.pg_collection, pre_process=True, post_process=True, tensor_parallel_size=args.tp,
-        pipeline_parallel_size=1, seed=0,
-    ).eval()  # fmt: skip
-    placed = PlacedModel(model, groups, config)
+    groups = one_model_groups(args.tp, 1, seed=1234)
+    placed = place_model(model_config(args), groups, seed=0)
     length = args.max_prompt + args.cap
     return {
         batching: MegatronGenerationEngine(
