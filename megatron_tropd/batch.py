@@ -25,6 +25,9 @@ class RolloutBatch:
     topk_ids: torch.Tensor | None = None  # [N, S, k] teacher's global top-k ids
     topk_logprobs: torch.Tensor | None = None  # [N, S, k] teacher's top-k log-probs
     entropy_teacher: torch.Tensor | None = None  # [N, S] teacher full-vocab entropy (EOPD)
+    # [N, S, H_t] fp32 teacher final hidden state (the input of its output layer) at position t, scored
+    # with the hidden payload (``method.teacher_payload``) for the full-vocabulary divergences
+    teacher_hidden: torch.Tensor | None = None
     lp_student_old: torch.Tensor | None = None  # [N, S] generating student's log-prob of label t
     entropy_student_old: torch.Tensor | None = None  # [N, S]
     trust_mask: torch.Tensor | None = None  # [N, S] bool, M ~ Bernoulli(P_trust)

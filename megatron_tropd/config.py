@@ -25,6 +25,7 @@ from megatron_tropd.model_config import ModelConfig, tiny
 # Top-k forward-KL families; must equal ``megatron_tropd.ops.FKL_FAMILIES`` (a test checks it). Repeated
 # here so that config stays import-free and can be validated before torch is even touched.
 FKL_FAMILIES = ("raw", "renorm", "tail")
+TEACHER_PAYLOADS = ("topk", "hidden")
 
 
 def closest_name_hint(name: str, allowed: tuple[str, ...]) -> str:
@@ -123,6 +124,18 @@ class MethodConfig:
     trust_seed: int = 1234
     """Seed of the counter-based hash that draws the trust mask M ~ Bernoulli(P_trust)."""
 
+    teacher_payload: str = "topk"
+    """What scoring sends from the teacher (``TEACHER_PAYLOADS``): "topk" (log-prob of the sampled token,
+    top-k ids and log-probs) or "hidden" (those plus its final hidden states ``[N, S, H_t]``, and once per
+    job its output-layer rows on each student rank, so the exact full-vocabulary FKL and the ``bias/*``
+    metrics can be computed). Methods with a ``full_divergence`` (``fkl_full``, ``rkl_full``,
+    ``jsd_full``, ``tropd_full``) always use "hidden" (``hidden_payload``)."""
+
+    @property
+    def hidden_payload(self) -> bool:
+        """Whether the teacher's hidden states are scored: asked for, or needed by the method's loss."""
+        return self.teacher_payload == "hidden" or method_spec(self.name).full_divergence is not None
+
     @property
     def outlier_tau(self) -> float:
         """tau = log(lambda / (1 - lambda)); log(0.25) ~ -1.386 for lambda = 0.2."""
@@ -164,6 +177,7 @@ class MethodConfig:
         _check_choice("method.eopd_family", self.eopd_family, FKL_FAMILIES)
         _check_range("method.aopd_tau", self.aopd_tau, -1.0, 1.0, "[]", "a probability difference")
         _check_int("method.trust_seed", self.trust_seed, 0, "seed of the trust-mask hash")
+        _check_choice("method.teacher_payload", self.teacher_payload, TEACHER_PAYLOADS)
 
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -775,6 +789,19 @@ class RunConfig:
             return "teacher", "parallel.teacher_"
         return f"teachers.{name}.model", f"teachers.{name}."
 
+    def check_teacher_payload(self) -> None:
+        """The hidden teacher payload moves one teacher's hidden states and output layer: refuse several."""
+        method = self.method
+        if method.hidden_payload and len(self.teacher_set()) > 1:
+            why = "method.teacher_payload=hidden"
+            if method.teacher_payload != "hidden":
+                why = f"method {method.name!r} reads an exact full-vocabulary divergence"
+            raise ValueError(
+                f"the teacher payload resolves to 'hidden' ({why}), which supports one teacher, but "
+                f"teachers names {len(self.teachers)} ({', '.join(sorted(self.teachers))}): use one "
+                "teacher, or a top-k method with method.teacher_payload=topk"
+            )
+
     def _check_teachers(self) -> None:
         """Each teacher's shape and layout, and its vocabulary: the true vocabularies must equal the
         student's (padded sizes may differ, 151,936 vs 152,064)."""
@@ -783,6 +810,7 @@ class RunConfig:
                 f"data.default_domain = {self.data.default_domain!r} names no teacher; the teachers are "
                 f"{', '.join(sorted(self.teachers))}"
             )
+        self.check_teacher_payload()
         claimed: dict[str, str] = {}
         for name, teacher in self.teacher_set().items():
             shape_key, layout_key = self._teacher_keys(name)

@@ -3,7 +3,8 @@
 Layout, top to bottom:
 
 - ``TokenSignals``: everything a method may read for one flat batch of tokens ``[T]`` (log-probs of the
-  sampled token, the teacher's top-k, entropies, the trust mask, the teacher-prefix and loss masks).
+  sampled token, the teacher's top-k, entropies, the trust mask, the teacher-prefix and loss masks, and
+  with the hidden teacher payload the exact full-vocabulary divergences).
 - ``MethodContext`` and ``entropy_quantile_threshold``: the per-rollout-batch quantities (training step,
   entropy cut-offs over the whole global batch) that must not depend on the microbatch / DP split.
 - ``loss_pg``: the K1 policy-gradient term shared by every method (PPO-clipped importance ratio).
@@ -37,9 +38,10 @@ from megatron_tropd.ops import agreement_ratio, jsd_topk_teacher_term, topk_forw
 class TokenSignals:
     """Per-token inputs of every loss, flattened over (sample, position) to ``[T]``.
 
-    Only ``lp_student`` and ``lp_student_topk`` carry gradient (they come from the student's current
-    forward); everything else was computed once per rollout batch at scoring time and is treated as a
-    constant. Values at tokens outside ``loss_mask`` are ignored (they may be padding garbage).
+    Only ``lp_student``, ``lp_student_topk`` and the optional ``lp_student_tail`` and ``full_*``
+    divergences carry gradient (they come from the student's current forward); everything else was
+    computed once per rollout batch at scoring time and is treated as a constant. Values at tokens
+    outside ``loss_mask`` are ignored (they may be padding garbage).
     """
 
     lp_student: torch.Tensor  # [T] log pi_S(x_t), current student, with grad
@@ -56,6 +58,12 @@ class TokenSignals:
     # (``ops.vocab_parallel_token_stats_with_tail``); read by the "tail" FKL family, which without it
     # falls back to log(1 - sum of the top-k), exact only down to about 1e-7 of mass in fp32.
     lp_student_tail: torch.Tensor | None = None
+    # [T] exact full-vocabulary divergences against the teacher, with grad, 0 outside the student tokens
+    # (``ops.vocab_parallel_full_divergence`` from the teacher's hidden states); present only with the
+    # hidden teacher payload, and only those the method or the ``bias/*`` metrics read.
+    full_fkl: torch.Tensor | None = None  # KL(pi_T || pi_S)
+    full_rkl: torch.Tensor | None = None  # KL(pi_S || pi_T)
+    full_jsd: torch.Tensor | None = None  # generalised JSD(beta), beta = method.jsd_beta
 
     def __post_init__(self) -> None:
         self.validate()
@@ -241,6 +249,22 @@ def _tail_outside_subset(signals: TokenSignals, subset: torch.Tensor) -> torch.T
     return torch.logaddexp(signals.lp_student_tail, torch.logsumexp(rest, -1))
 
 
+# TokenSignals field holding each full-vocabulary divergence (``MethodSpec.full_divergence``)
+FULL_DIVERGENCE_FIELDS = {"forward_kl": "full_fkl", "reverse_kl": "full_rkl", "jsd": "full_jsd"}
+
+
+def _full(signals: TokenSignals, kind: str, method: str) -> torch.Tensor:
+    """The full-vocabulary divergence ``kind`` ``[T]``; a clear error when the loop did not compute it."""
+    value = getattr(signals, FULL_DIVERGENCE_FIELDS[kind])
+    if value is None:
+        raise ValueError(
+            f"method {method!r} reads the exact full-vocabulary {kind} but TokenSignals."
+            f"{FULL_DIVERGENCE_FIELDS[kind]} is None; score with the hidden teacher payload "
+            "(method.teacher_payload=hidden) and build the signals with training.student_signals"
+        )
+    return value
+
+
 def _where(condition: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` where ``condition`` else exactly 0, with no gradient leaking from the masked entries."""
     return torch.where(condition, value, torch.zeros_like(value))
@@ -382,6 +406,27 @@ def tropd_aopd_loss(signals: TokenSignals, config: MethodConfig, context: Method
     return MethodLoss.from_terms(**terms)
 
 
+def fkl_full_loss(signals: TokenSignals, config: MethodConfig, context: MethodContext) -> MethodLoss:
+    """Exact full-vocabulary forward KL ``KL(pi_T || pi_S)`` on every student token."""
+    return MethodLoss.from_terms(full_fkl=_full(signals, "forward_kl", config.name))
+
+
+def rkl_full_loss(signals: TokenSignals, config: MethodConfig, context: MethodContext) -> MethodLoss:
+    """Exact full-vocabulary reverse KL ``KL(pi_S || pi_T)`` on every student token."""
+    return MethodLoss.from_terms(full_rkl=_full(signals, "reverse_kl", config.name))
+
+
+def jsd_full_loss(signals: TokenSignals, config: MethodConfig, context: MethodContext) -> MethodLoss:
+    """Exact full-vocabulary generalised JSD(beta) of GKD, ``beta = method.jsd_beta`` the teacher's weight
+    in the mixture, on every student token."""
+    return MethodLoss.from_terms(full_jsd=_full(signals, "jsd", config.name))
+
+
+def tropd_full_loss(signals: TokenSignals, config: MethodConfig, context: MethodContext) -> MethodLoss:
+    """TrOPD with the exact full-vocabulary forward KL on outliers (M = 0) instead of the top-k one."""
+    return _trust_region(signals, config, outlier_full_fkl=_full(signals, "forward_kl", config.name))
+
+
 # One entry per distinct loss; ``methods.METHOD_SPECS`` says which method runs which (and what it needs).
 LOSS_FUNCTIONS: dict[str, MethodFn] = {
     "opd": opd_loss,
@@ -397,6 +442,10 @@ LOSS_FUNCTIONS: dict[str, MethodFn] = {
     "tropd_mask": tropd_mask_loss,
     "tropd_clip": tropd_clip_loss,
     "tropd_aopd": tropd_aopd_loss,
+    "fkl_full": fkl_full_loss,
+    "rkl_full": rkl_full_loss,
+    "jsd_full": jsd_full_loss,
+    "tropd_full": tropd_full_loss,
 }
 
 # method name -> loss function, in ``METHOD_NAMES`` order; a spec naming no loss fails at import.
@@ -461,11 +510,31 @@ def _sum_count(values: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> 
     return torch.stack([_where(mask, values).sum(), mask.sum().to(dtype)])
 
 
-def token_metrics(signals: TokenSignals, result: MethodLoss) -> dict[str, torch.Tensor]:
+@torch.no_grad()
+def _bias_metrics(
+    signals: TokenSignals, config: MethodConfig, student: torch.Tensor, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The exact full FKL against the top-k FKL the top-k methods optimise (``method.fkl_family``), on
+    trusted (M = 1) and outlier (M = 0) student tokens: ``bias/full_fkl_<where>``,
+    ``bias/topk_fkl_<where>`` and ``bias/full_minus_topk_<where>``. ``signals`` are already cleaned."""
+    full, topk = signals.full_fkl.detach(), _fkl(signals, config)  # no_grad: nothing is recorded
+    metrics = {}
+    trusted = student & signals.trust_mask
+    for where, mask in (("trusted", trusted), ("outlier", student & ~trusted)):
+        metrics[f"bias/full_fkl_{where}"] = _sum_count(full, mask, dtype)
+        metrics[f"bias/topk_fkl_{where}"] = _sum_count(topk, mask, dtype)
+        metrics[f"bias/full_minus_topk_{where}"] = _sum_count(full - topk, mask, dtype)
+    return metrics
+
+
+def token_metrics(
+    signals: TokenSignals, result: MethodLoss, config: MethodConfig | None = None
+) -> dict[str, torch.Tensor]:
     """Step metrics as ``name -> tensor([sum, count])``; see ``reduce_metrics``.
 
     ``loss`` and ``term/*`` average over all valid tokens (the terms add up to the loss); the trust,
-    top-k-mass and entropy metrics average over student tokens only.
+    top-k-mass and entropy metrics average over student tokens only. With the full FKL present (the
+    hidden teacher payload) and ``config`` given, the ``bias/*`` metrics of ``_bias_metrics`` too.
     """
     dtype = torch.promote_types(signals.lp_student.dtype, torch.float32)
     valid, student = signals.loss_mask, signals.student_token_mask
@@ -481,6 +550,8 @@ def token_metrics(signals: TokenSignals, result: MethodLoss) -> dict[str, torch.
     metrics["p_trust"] = _sum_count(p_trust, student, dtype)
     metrics["teacher_topk_mass"] = _sum_count(topk_mass(signals.lp_student_topk.detach()), student, dtype)
     metrics["entropy_student"] = _sum_count(signals.entropy_student_old, student, dtype)
+    if signals.full_fkl is not None and config is not None:
+        metrics.update(_bias_metrics(signals, config, student, dtype))
     return metrics
 
 
@@ -497,7 +568,7 @@ def loss_sum_and_metrics(
     """
     result = token_loss(signals, config, context)
     num_tokens = signals.loss_mask.sum().to(torch.int)
-    return result.loss.sum(), num_tokens, token_metrics(signals, result)
+    return result.loss.sum(), num_tokens, token_metrics(signals, result, config)
 
 
 def megatron_loss_func(

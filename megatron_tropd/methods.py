@@ -5,7 +5,9 @@ runs (bound to code in ``losses.LOSS_FUNCTIONS``; a test checks the two agree), 
 guidance is on by default, and which per-rollout-batch signals its loss reads, so scoring, the loop and
 the per-batch context ask the spec instead of testing method names. Adding a method that reuses an
 existing loss (as ``fkl_outlier`` reuses TrOPD's) is one entry here; a new loss is one function in
-``losses.py`` plus its entry here.
+``losses.py`` plus its entry here. A method whose loss reads an exact full-vocabulary divergence
+(``full_divergence``) makes the job score the teacher's final hidden states and give each student rank
+the teacher's output-layer rows of its vocabulary partition (``method.teacher_payload`` "hidden").
 
 Torch-free on purpose: ``config.py`` validates ``method.name`` against this table before torch loads.
 """
@@ -42,6 +44,11 @@ class MethodSpec:
     entropy_fraction: str | None = None
     """``MethodConfig`` field holding the top fraction of student tokens by student entropy that the loss
     keeps; the loop then computes that cut-off over the whole global batch. None: no entropy selection."""
+
+    full_divergence: str | None = None
+    """The exact full-vocabulary divergence the loss reads (``ops.FULL_DIVERGENCES``: "forward_kl",
+    "reverse_kl" or "jsd"), computed in training from the teacher's hidden states; None: none. Such a
+    method always runs with the hidden teacher payload (``MethodConfig.hidden_payload``)."""
 
     paper_row: str = ""
     """The method's row name in the paper's tables (empty: not a row of the paper)."""
@@ -119,6 +126,22 @@ METHOD_SPECS: dict[str, MethodSpec] = {
         teacher_topk=True,
         trust_mask=True,
         paper_row="TrOPD + AOPD",
+    ),  # fmt: skip
+    "fkl_full": MethodSpec(
+        "fkl_full", "exact full-vocabulary forward KL on every token", full_divergence="forward_kl"
+    ),
+    "rkl_full": MethodSpec(
+        "rkl_full", "exact full-vocabulary reverse KL on every token", full_divergence="reverse_kl"
+    ),
+    "jsd_full": MethodSpec(
+        "jsd_full", "exact full-vocabulary generalised JSD(beta) on every token", full_divergence="jsd"
+    ),
+    "tropd_full": MethodSpec(
+        "tropd_full",
+        "K1 policy gradient where M = 1, exact full-vocabulary forward KL on outliers; guidance",
+        guidance=True,
+        trust_mask=True,
+        full_divergence="forward_kl",
     ),  # fmt: skip
 }
 

@@ -5,6 +5,11 @@ never leaves its shards: the per-token signals come from the vocab-parallel ops 
 TP-sharded logits. The teacher's results are then moved to the student ranks that train on those
 sequences (``transfer``), since the two layouts split the batch over data-parallel ranks differently, and
 the trust mask is drawn there.
+
+With the hidden teacher payload (``ScoringSpec.teacher_hidden_size``) the teacher's last stage also
+returns its final hidden states (the input of its output layer) for every token, moved by the same row
+transport; ``teacher_weight_for_student`` gives each student rank, once per job, the teacher's
+output-layer rows of its vocabulary partition, so training can recompute the teacher's full logits.
 """
 
 from __future__ import annotations
@@ -91,8 +96,37 @@ def forward_signals(
     return {name: torch.cat([out[name] for out in outputs]) for name in outputs[0]}
 
 
-def teacher_signal_fn(tp_group, vocab_size: int, topk: int, with_entropy: bool) -> SignalFn:
-    """Teacher log-prob of each label, global top-k ids and log-probs, and (optionally) the entropy."""
+class HiddenCapture:
+    """The input of a model stage's output layer (its final hidden states after the final norm), kept
+    by a forward pre-hook from the latest forward pass; ``remove`` takes the hook off."""
+
+    def __init__(self, stage: torch.nn.Module):
+        self._hidden: torch.Tensor | None = None
+        self._handle = stage.output_layer.register_forward_pre_hook(self._keep)
+
+    def _keep(self, module, args) -> None:
+        self._hidden = args[0]  # [s, b, h]: GPTModel passes the hidden states positionally
+
+    def take(self, seq_length: int) -> torch.Tensor:
+        """The latest hidden states as fp32 ``[b, s, h]``, checked against the logits' ``seq_length``."""
+        hidden, self._hidden = self._hidden, None
+        if hidden is None or hidden.shape[0] != seq_length:
+            shape = None if hidden is None else tuple(hidden.shape)
+            raise RuntimeError(
+                f"the teacher's output layer saw hidden states {shape}, not [{seq_length}, b, h]: the hidden "
+                "payload needs the whole sequence on each TP rank (no sequence parallelism)"
+            )
+        return hidden.transpose(0, 1).float().contiguous()
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def teacher_signal_fn(
+    tp_group, vocab_size: int, topk: int, with_entropy: bool, hidden: HiddenCapture | None = None
+) -> SignalFn:
+    """Teacher log-prob of each label, global top-k ids and log-probs, (optionally) the entropy, and with
+    ``hidden`` the final hidden states ``teacher_hidden [b, s, H_t]`` of the same forward pass."""
 
     def signals(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         topk_ids, topk_logprobs = vocab_parallel_topk(logits, topk, tp_group, vocab_size)
@@ -106,6 +140,8 @@ def teacher_signal_fn(tp_group, vocab_size: int, topk: int, with_entropy: bool) 
         }
         if with_entropy:
             out["entropy_teacher"] = entropy.float()
+        if hidden is not None:
+            out["teacher_hidden"] = hidden.take(logits.shape[1])
         return out
 
     return signals
@@ -133,17 +169,33 @@ class ScoringSpec:
     max_tokens: int = 0
     """Packed microbatches of at most this many tokens, rows split over data-parallel ranks by tokens;
     0: ``micro_batch_size`` padded rows, equal row counts."""
+    teacher_hidden_size: int = 0
+    """The teacher's hidden size H_t when its final hidden states are scored (the hidden payload,
+    ``teacher_hidden [N, S, H_t]``); 0: not scored."""
 
     @classmethod
     def for_method(
-        cls, vocab_size: int, method: MethodConfig, micro_batch_size: int, max_tokens: int = 0
+        cls,
+        vocab_size: int,
+        method: MethodConfig,
+        micro_batch_size: int,
+        max_tokens: int = 0,
+        teacher_hidden_size: int = 0,
     ) -> ScoringSpec:
         """What ``method`` needs scored, from its ``methods.METHOD_SPECS`` entry: the teacher's entropy only
-        where its loss reads it; top-k and the trust mask always (the metrics read them too)."""
+        where its loss reads it; top-k and the trust mask always (the metrics read them too); the
+        teacher's hidden states (``teacher_hidden_size``: the teacher's ``hidden_size``) only with the
+        hidden payload (``MethodConfig.hidden_payload``)."""
         needs = method_spec(method.name)
+        if method.hidden_payload and teacher_hidden_size <= 0:
+            raise ValueError(
+                f"method {method.name!r} with the hidden teacher payload scores the teacher's final hidden "
+                "states: pass teacher_hidden_size = the teacher's model hidden_size"
+            )
         return cls(
-            vocab_size, method.topk, needs.teacher_entropy, micro_batch_size, method.trust_seed, max_tokens
-        )
+            vocab_size, method.topk, needs.teacher_entropy, micro_batch_size, method.trust_seed, max_tokens,
+            teacher_hidden_size if method.hidden_payload else 0,
+        )  # fmt: skip
 
     def row_lengths(self, batch: RolloutBatch) -> list[int] | None:
         """Each row's token count when packing (it splits rows over ranks and into microbatches)."""
@@ -159,6 +211,8 @@ def _teacher_template(spec: ScoringSpec, seq_length: int):
     }
     if spec.with_teacher_entropy:
         template["entropy_teacher"] = per_token
+    if spec.teacher_hidden_size:
+        template["teacher_hidden"] = ((seq_length, spec.teacher_hidden_size), torch.float32)
     return template
 
 
@@ -200,6 +254,11 @@ def score_batch(
     """
     lengths = spec.row_lengths(batch)
     if isinstance(teacher, RoutedTeachers):
+        if spec.teacher_hidden_size:
+            raise ValueError(
+                "the hidden teacher payload (method.teacher_payload=hidden, or a full-vocabulary method) "
+                "supports one teacher only; with several teachers (RunConfig.teachers) use a top-k method"
+            )
         teacher_for_me = routed_teacher_signals(batch, teacher, student.groups, spec, lengths)
         return _with_student_signals(batch, student, spec, step, lengths, teacher_for_me)
     teacher_out = teacher_signals(batch, teacher, spec, lengths)
@@ -230,13 +289,28 @@ def teacher_signals(
     batch: RolloutBatch, teacher: PlacedModel, spec: ScoringSpec, lengths: list[int] | None = None
 ) -> dict[str, torch.Tensor] | None:
     """The teacher's signals for its data-parallel rows of ``batch`` (None off its last stage);
-    ``lengths``: each row's token count, when packing."""
-    signal_fn = teacher_signal_fn(teacher.tp_group, spec.vocab_size, spec.topk, spec.with_teacher_entropy)
+    ``lengths``: each row's token count, when packing. With ``spec.teacher_hidden_size`` the signals
+    include ``teacher_hidden``, captured from the teacher stage's output layer during these passes only."""
+    hidden = None
+    if spec.teacher_hidden_size and teacher.is_last_stage:
+        if teacher.config.hidden_size != spec.teacher_hidden_size:
+            raise ValueError(
+                f"ScoringSpec.teacher_hidden_size = {spec.teacher_hidden_size} but the teacher's hidden_size "
+                f"is {teacher.config.hidden_size}"
+            )
+        hidden = HiddenCapture(teacher.stage)
+    signal_fn = teacher_signal_fn(
+        teacher.tp_group, spec.vocab_size, spec.topk, spec.with_teacher_entropy, hidden
+    )
     rows = teacher.rows(batch.num_sequences, lengths)
-    return forward_signals(
-        teacher, batch.tokens[rows], spec.micro_batch_size, signal_fn,
-        lengths=lengths[rows] if lengths else None, max_tokens=spec.max_tokens,
-    )  # fmt: skip
+    try:
+        return forward_signals(
+            teacher, batch.tokens[rows], spec.micro_batch_size, signal_fn,
+            lengths=lengths[rows] if lengths else None, max_tokens=spec.max_tokens,
+        )  # fmt: skip
+    finally:
+        if hidden is not None:  # generation runs the same stage: it must not keep capturing
+            hidden.remove()
 
 
 def teacher_to_student_layout(
@@ -342,3 +416,62 @@ def per_teacher_metrics(
         metrics[f"teacher/{name}/reward"] = reward / tokens if tokens else float("nan")
         metrics[f"teacher/{name}/rollouts"] = rollouts
     return metrics
+
+
+def _teacher_output_weight(stage: torch.nn.Module) -> torch.Tensor:
+    """This TP rank's rows of a last stage's output layer ``[V_padded / TP, H]``: the embedding when the
+    model ties them (its output layer then owns no weight on a single-stage model)."""
+    if stage.share_embeddings_and_output_weights:
+        return stage.shared_embedding_or_output_weight()
+    return stage.output_layer.weight
+
+
+def _weight_source_rank(teacher: PlacedModel) -> int:
+    """The global rank of the teacher's last stage with TP and DP rank 0 (one MAX all-reduce)."""
+    position = teacher.groups.position
+    is_source = teacher.is_last_stage and position.tp_rank == 0 and position.dp_rank == 0
+    device = next(teacher.stage.parameters()).device
+    flag = torch.tensor([dist.get_rank() if is_source else -1], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def _full_teacher_weight(teacher: PlacedModel, vocab_size: int) -> torch.Tensor | None:
+    """The teacher's output weight gathered over its TP group, true rows only ``[vocab_size, H_t]``, on
+    the TP group of the source replica (None elsewhere; the gather is collective within that group)."""
+    position = teacher.groups.position
+    if not (teacher.is_last_stage and position.dp_rank == 0):
+        return None
+    local = _teacher_output_weight(teacher.stage).detach()
+    tp_size = dist.get_world_size(teacher.tp_group)
+    parts = [torch.empty_like(local) for _ in range(tp_size)]
+    dist.all_gather(parts, local.contiguous(), group=teacher.tp_group)
+    return torch.cat(parts)[:vocab_size]
+
+
+def teacher_weight_for_student(teacher: PlacedModel, student: PlacedModel) -> torch.Tensor | None:
+    """The teacher's output-layer rows of this student rank's vocabulary partition, fp32
+    ``[V_local, H_t]`` (``ops.teacher_output_weight_shard``), on the student's last stage; None elsewhere.
+
+    Once per job, collective on every rank in the same order: the teacher's last stage (TP and DP rank 0
+    and its TP group) gathers the true rows of its output weight, broadcasts them in its parameter dtype
+    to every rank, and each student last-stage rank keeps its partition and frees the rest. Peak memory
+    is one ``vocab_size x H_t`` copy per rank during the broadcast.
+    """
+    from megatron_tropd.model_config import padded_vocab_size
+    from megatron_tropd.ops import teacher_output_weight_shard, vocab_shard
+
+    vocab_size = student.vocab_size
+    source = _weight_source_rank(teacher)
+    full = _full_teacher_weight(teacher, vocab_size)
+    if dist.get_rank() != source:  # every rank holds a teacher stage: its parameters name dtype and device
+        like = next(teacher.stage.parameters())
+        full = torch.empty(vocab_size, teacher.config.hidden_size, dtype=like.dtype, device=like.device)
+    dist.broadcast(full, src=source)
+    if not student.is_last_stage:
+        return None
+    tp = student.groups.layout.tensor_parallel
+    config = student.config
+    local_size = padded_vocab_size(config.vocab_size, config.make_vocab_size_divisible_by, tp) // tp
+    shard = vocab_shard(local_size, student.tp_group, vocab_size)
+    return teacher_output_weight_shard(full, shard, vocab_size, teacher.vocab_size)

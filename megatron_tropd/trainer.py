@@ -1,6 +1,9 @@
 """The distillation loop, top to bottom: sample prompts -> generate (student, with teacher-prefix guidance)
 -> score (teacher signals, old student log-probs, trust draw) -> train -> log -> checkpoint -> evaluate
 (every ``eval.interval`` steps, before the first and after the last: avg@k on held-out benchmarks).
+With the hidden teacher payload (``MethodConfig.hidden_payload``: ``method.teacher_payload=hidden`` or a
+full-vocabulary method) each student rank first receives the teacher's output-layer rows of its
+vocabulary partition, once per job (``ensure_teacher_weight``); one teacher only.
 
 ``run(config)`` is the job's entry point on every rank (torchrun, srun or a nemo-run launcher). Every
 method of ``method.md`` runs through the same loop; only ``config.method`` changes. On SIGUSR1 or SIGTERM
@@ -65,6 +68,9 @@ class Job:
     evaluation: InTrainingEval | None = None
     nonfinite_streak: int = 0  # consecutive updates skipped for a non-finite loss or gradient
     nonfinite_total: int = 0  # skipped updates since this process started
+    # the student holds its rows of the teacher's output layer (on every rank, whatever its stage: the
+    # distribution is collective, so all ranks must agree whether it is still to do)
+    teacher_weight_attached: bool = False
 
     @property
     def teacher(self) -> PlacedModel:
@@ -227,12 +233,36 @@ def _resume(checkpoint: CheckpointConfig, root: Path, student) -> LoopState:
     return LoopState.from_dict(saved) if saved is not None else LoopState()
 
 
+def _check_hidden_payload(config: RunConfig) -> None:
+    """The hidden teacher payload supports one teacher (``RunConfig.check_teacher_payload``); checked
+    again here because a job's method may change after set-up."""
+    config.check_teacher_payload()
+
+
+def ensure_teacher_weight(job: Job) -> None:
+    """Give the student its ranks' rows of the teacher's output layer when the method needs them and it
+    has none yet (collective on every rank; ``training.attach_teacher_weight``)."""
+    from megatron_tropd.training import attach_teacher_weight
+
+    _check_hidden_payload(job.config)
+    method = job.config.method
+    if method.hidden_payload and not job.teacher_weight_attached:
+        if method.teacher_payload != "hidden":
+            logger.info(
+                "method %r reads an exact full-vocabulary divergence: the teacher payload is 'hidden' "
+                "(method.teacher_payload=%r does not apply to it)", method.name, method.teacher_payload,
+            )  # fmt: skip
+        attach_teacher_weight(job.student, job.teacher)
+        job.teacher_weight_attached = True
+
+
 def setup(config: RunConfig) -> tuple[Job, LoopState]:
     """Start the process group, build both models and the data, and resume when a checkpoint exists."""
     from megatron_tropd.runtime import init_distributed, set_seed
 
     info = init_distributed()
     config.validate(info.world_size)
+    _check_hidden_payload(config)
     set_seed(config.seed)
     topology, student, teachers = _build_models(config)
     tokenizer = run_tokenizer(config)
@@ -243,6 +273,7 @@ def setup(config: RunConfig) -> tuple[Job, LoopState]:
     student_engine, teacher_engines = _engines(config, topology, student, teachers)
     eos = tokenizer.eos_token_id if tokenizer is not None else None
     job = Job(config, topology, student, teachers, student_engine, teacher_engines, sampler, eos, run_dir)
+    ensure_teacher_weight(job)
     if config.eval.interval:
         job.evaluation = _in_training_eval(config, topology, student, tokenizer)
     return job, loop_state
@@ -361,12 +392,14 @@ def train_one_step(job: Job, step: int) -> StepRecord:
     from megatron_tropd.training import batch_context
 
     config = job.config
+    ensure_teacher_weight(job)  # a no-op after the first step, or when the method needs no hidden payload
     started = time.perf_counter()
     batch, stats, routes = rollout(job, step)
     generated = time.perf_counter()
     spec = ScoringSpec.for_method(
-        config.student.vocab_size, config.method, config.optim.micro_batch_size, config.packing_tokens
-    )
+        config.student.vocab_size, config.method, config.optim.micro_batch_size, config.packing_tokens,
+        teacher_hidden_size=job.teacher.config.hidden_size,
+    )  # fmt: skip
     scored = score_batch(batch, job.student.placed, job.scoring_teachers(routes), spec, step)
     extra = _per_teacher(job, scored, routes, spec.row_lengths(batch))
     context = batch_context(

@@ -5,6 +5,9 @@ microbatch's loss comes from the vocab-parallel ops (student log-probs at the sa
 teacher's top-k ids, gradient written back into the logits' own storage) and the configured method;
 ``loss_func`` returns ``(loss_sum, num_tokens, metrics)`` with ``calculate_per_token_loss=True``, so
 ``finalize_model_grads`` divides the summed gradients by the global number of loss-bearing tokens.
+With the hidden teacher payload the exact full-vocabulary divergences are computed there too, from the
+batch's ``teacher_hidden`` and the teacher's output-layer rows of this rank's vocabulary partition
+(``Student.teacher_weight``, set once per job by ``attach_teacher_weight``).
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ import torch
 from megatron_tropd.batch import RolloutBatch
 from megatron_tropd.config import MethodConfig, OptimConfig
 from megatron_tropd.losses import (
+    FULL_DIVERGENCE_FIELDS,
     MethodContext,
     TokenSignals,
     loss_sum_and_metrics,
     method_context,
     reduce_metrics,
 )
+from megatron_tropd.methods import method_spec
 from megatron_tropd.models import ModelConfig, build_gpt_model
-from megatron_tropd.ops import vocab_parallel_token_stats
+from megatron_tropd.ops import vocab_parallel_full_divergence, vocab_parallel_token_stats
 from megatron_tropd.ops.vocab_parallel import vocab_parallel_token_stats_with_tail
 from megatron_tropd.packing import packed_rollout_microbatches
 from megatron_tropd.pipeline import run_microbatches
@@ -43,6 +48,9 @@ class Student:
     groups: ModelGroups
     model_config: ModelConfig
     optim_config: OptimConfig
+    teacher_weight: torch.Tensor | None = None
+    """The teacher's output-layer rows of this rank's vocabulary partition ``[V_local, H_t]`` (fp32, last
+    stage only), for the full-vocabulary divergences; None until ``attach_teacher_weight``."""
 
     @property
     def module(self) -> torch.nn.Module:
@@ -125,6 +133,54 @@ def build_student(
     return Student(model, optimizer, _scheduler(optimizer, optim, total_steps), groups, model_config, optim)
 
 
+@dataclass(frozen=True)
+class FullDivergences:
+    """Which exact full-vocabulary divergences a microbatch's signals carry, and their inputs."""
+
+    teacher_weight: torch.Tensor  # [V_local, H_t]: the teacher's rows of this rank's partition
+    with_grad: tuple[str, ...] = ()  # kinds (``ops.FULL_DIVERGENCES``) the loss reads
+    metrics_only: tuple[str, ...] = ()  # kinds only the metrics read: computed without a graph
+    jsd_beta: float = 0.5
+
+
+def full_divergences(
+    method: MethodConfig, batch: RolloutBatch, teacher_weight: torch.Tensor | None
+) -> FullDivergences | None:
+    """What ``method`` reads from the full vocabulary: its ``MethodSpec.full_divergence`` with gradient,
+    and the full forward KL of the ``bias/*`` metrics whenever the batch carries the teacher's hidden
+    states; None without them. Errors name what is missing."""
+    kind = method_spec(method.name).full_divergence
+    if batch.teacher_hidden is None:
+        if kind is not None:
+            raise ValueError(
+                f"method {method.name!r} needs the teacher's hidden states but the batch has no "
+                "teacher_hidden: score it with ScoringSpec.for_method(..., teacher_hidden_size=H_t)"
+            )
+        return None
+    if teacher_weight is None:
+        raise ValueError(
+            "the batch carries teacher_hidden but the student has no teacher_weight: call "
+            "training.attach_teacher_weight(student, teacher) once per job (collective) before training"
+        )
+    with_grad = () if kind is None else (kind,)
+    metrics_only = () if "forward_kl" in with_grad else ("forward_kl",)
+    return FullDivergences(teacher_weight, with_grad, metrics_only, method.jsd_beta)
+
+
+def _full_divergence_signals(logits, batch, tp_group, vocab_size, full: FullDivergences) -> dict:
+    """``TokenSignals`` fields ``full_*`` ``[T]`` on the student tokens (0 elsewhere, never computed)."""
+    student_tokens = batch.loss_mask & ~batch.is_teacher_prefix
+    out = {}
+    for kind in (*full.with_grad, *full.metrics_only):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and kind in full.with_grad):
+            value = vocab_parallel_full_divergence(
+                logits, batch.teacher_hidden, full.teacher_weight, tp_group, vocab_size, kind,
+                full.jsd_beta, token_mask=student_tokens,
+            )  # fmt: skip
+        out[FULL_DIVERGENCE_FIELDS[kind]] = value.reshape(-1)
+    return out
+
+
 def student_signals(
     logits: torch.Tensor,
     batch: RolloutBatch,
@@ -132,26 +188,32 @@ def student_signals(
     vocab_size: int,
     with_tail: bool = False,
     labels: torch.Tensor | None = None,
+    full: FullDivergences | None = None,
 ) -> TokenSignals:
     """``TokenSignals`` of one microbatch from the student's TP-sharded logits ``[b, S, V/TP]``.
 
     ``with_tail`` adds the student's exact log-mass outside the teacher's top-k (the ``tail`` FKL family).
     ``labels``: the microbatch's labels when they are not ``batch.labels`` (a packed microbatch's).
+    ``full``: the exact full-vocabulary divergences to add (``full_divergences``).
     """
     topk = batch.topk_ids.shape[-1]
     labels = batch.labels if labels is None else labels
     ids = torch.cat([labels.unsqueeze(-1), batch.topk_ids], dim=-1)  # [b, S, 1 + k]
+    # An in-place backward overwrites the logits with their gradient, which the full divergences'
+    # backward still has to read: with those, each op writes a gradient buffer of its own.
+    inplace = full is None or not full.with_grad
     lp_tail = None
     if with_tail:
         log_probs, _, lp_tail = vocab_parallel_token_stats_with_tail(
-            logits, ids, tp_group, vocab_size, 1, with_entropy=False, inplace_backward=True
+            logits, ids, tp_group, vocab_size, 1, with_entropy=False, inplace_backward=inplace
         )
         lp_tail = lp_tail.reshape(-1)
     else:
         log_probs, _ = vocab_parallel_token_stats(
-            logits, ids, tp_group, vocab_size, with_entropy=False, inplace_backward=True
+            logits, ids, tp_group, vocab_size, with_entropy=False, inplace_backward=inplace
         )
     entropy_teacher = batch.entropy_teacher.reshape(-1) if batch.entropy_teacher is not None else None
+    divergences = {} if full is None else _full_divergence_signals(logits, batch, tp_group, vocab_size, full)
     return TokenSignals(
         lp_student=log_probs[..., 0].reshape(-1),
         lp_student_old=batch.lp_student_old.reshape(-1),
@@ -164,7 +226,16 @@ def student_signals(
         loss_mask=batch.loss_mask.reshape(-1),
         entropy_teacher=entropy_teacher,
         lp_student_tail=lp_tail,
+        **divergences,
     )
+
+
+def attach_teacher_weight(student: Student, teacher: PlacedModel) -> None:
+    """Give ``student`` the teacher's output-layer rows of each rank's vocabulary partition
+    (``scoring.teacher_weight_for_student``); collective on every rank, once per job."""
+    from megatron_tropd.scoring import teacher_weight_for_student
+
+    student.teacher_weight = teacher_weight_for_student(teacher, student.placed)
 
 
 @dataclass
@@ -193,19 +264,20 @@ def training_microbatches(
     return [Microbatch(mb, mb.labels, mb.position_ids) for mb in batch.split(optim.micro_batch_size)]
 
 
-def _loss_func(logits, microbatch: Microbatch, tp_group, vocab_size, method, context):
+def _loss_func(logits, microbatch: Microbatch, tp_group, vocab_size, method, context, teacher_weight):
+    full = full_divergences(method, microbatch.batch, teacher_weight)
     signals = student_signals(
         logits, microbatch.batch, tp_group, vocab_size, with_tail=method.fkl_family == "tail",
-        labels=microbatch.labels,
+        labels=microbatch.labels, full=full,
     )  # fmt: skip
     return loss_sum_and_metrics(signals, method, context)
 
 
-def _forward_step(data_iterator, model, *, tp_group, vocab_size, method, context):
+def _forward_step(data_iterator, model, *, tp_group, vocab_size, method, context, teacher_weight=None):
     microbatch = next(data_iterator)
     loss_func = partial(
         _loss_func, microbatch=microbatch, tp_group=tp_group, vocab_size=vocab_size, method=method,
-        context=context,
+        context=context, teacher_weight=teacher_weight,
     )  # fmt: skip
     return microbatch.forward(model), loss_func
 
@@ -262,7 +334,7 @@ def train_step(
     """One optimizer update on this rank's rows of a scored rollout batch."""
     forward_step = partial(
         _forward_step, tp_group=student.groups.tp_group, vocab_size=student.model_config.vocab_size,
-        method=method, context=context,
+        method=method, context=context, teacher_weight=student.teacher_weight,
     )  # fmt: skip
     return _update(student, batch, forward_step, "loss")
 

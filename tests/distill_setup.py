@@ -52,15 +52,19 @@ def setup_models(student_layout, teacher_layout, optim: OptimConfig, total_steps
     return topology, student, teacher
 
 
-def scoring_spec(method: MethodConfig) -> ScoringSpec:
-    return ScoringSpec.for_method(student_config().vocab_size, method, micro_batch_size=2)
+def scoring_spec(method: MethodConfig, teacher_hidden_size: int = 0) -> ScoringSpec:
+    """``teacher_hidden_size``: the teacher's hidden size, scored with the hidden payload only."""
+    return ScoringSpec.for_method(
+        student_config().vocab_size, method, micro_batch_size=2, teacher_hidden_size=teacher_hidden_size
+    )
 
 
 def distill_steps(topology, student, teacher, method: MethodConfig, steps: int, first_step: int = 0):
     """Score and train ``steps`` rollout batches; per step the reduced metrics (last stage) and grad norm."""
     history = []
     for step in range(first_step, first_step + steps):
-        scored = score_batch(rollout_batch(step), student.placed, teacher, scoring_spec(method), step)
+        spec = scoring_spec(method, teacher.config.hidden_size)
+        scored = score_batch(rollout_batch(step), student.placed, teacher, spec, step)
         context = batch_context(method, scored, step, first_step + steps, topology.student)
         result = train_step(student, scored, method, context)
         history.append({"metrics": result.metrics, "grad_norm": result.grad_norm, "lr": result.learning_rate})

@@ -48,4 +48,4 @@ def microbatch_loss(
         )
     result = token_loss(signals, config, context)
     loss = result.loss.sum() / max(global_valid_tokens, 1)
-    return loss, token_metrics(signals, result)
+    return loss, token_metrics(signals, result, config)

@@ -4,10 +4,15 @@ The transcriptions below index single tokens and top-k entries with Python loops
 gradients with autograd through those scalar formulas; they share no code with ``megatron_tropd.losses``
 or ``megatron_tropd.ops``. Inputs are small explicit probability tables so that each case is checkable by
 hand (which side of tau, of the AOPD gate and of the trust mask each token falls on).
+
+The full-vocabulary methods read their exact divergences as given inputs there; a last section checks
+them end to end from explicit fp64 student and teacher logits through ``training.student_signals``
+(loss, gradient w.r.t. the logits, ``bias/*`` metrics) against direct formulas.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 
@@ -72,6 +77,11 @@ STUDENT_TOPK = [
     [NAN, NAN, NAN],
 ]
 
+# exact full-vocabulary divergences per token (the ops compute them; here they are given inputs)
+FULL_FKL = [0.40, 0.90, 2.10, 1.70, 0.30, 0.20, 0.55, NAN]
+FULL_RKL = [0.35, 1.10, 1.60, 2.40, 0.25, 0.30, 0.45, NAN]
+FULL_JSD = [0.08, 0.20, 0.41, 0.37, 0.06, 0.05, 0.11, NAN]
+
 DEFAULT_CONFIG = dict(topk=3, eopd_topk=2)
 # Non-default values catch swapped or dropped weights (e.g. beta vs 1 - beta at jsd_beta = 0.5).
 ALTERED_CONFIG = dict(
@@ -105,6 +115,9 @@ def make_signals(one_update: bool, trust=None) -> TokenSignals:
         trust_mask=torch.tensor(column[3] if trust is None else trust),
         is_teacher_prefix=torch.tensor(column[4]),
         loss_mask=torch.tensor(column[5]),
+        full_fkl=torch.tensor(FULL_FKL, dtype=DTYPE).requires_grad_(),
+        full_rkl=torch.tensor(FULL_RKL, dtype=DTYPE).requires_grad_(),
+        full_jsd=torch.tensor(FULL_JSD, dtype=DTYPE).requires_grad_(),
     )
 
 
@@ -190,11 +203,16 @@ def ref_student_token(name: str, t: int, sig: TokenSignals, cfg: MethodConfig, c
         return ref_pg(advantage if trusted else max(advantage, tau), lp_s, lp_s_old, eps)
     if name == "tropd_aopd":
         return ref_student_token("tropd", t, sig, cfg, ctx) + ref_student_token("aopd", t, sig, cfg, ctx)
+    full = {"fkl_full": sig.full_fkl, "rkl_full": sig.full_rkl, "jsd_full": sig.full_jsd}
+    if name in full:
+        return full[name][t]
+    if name == "tropd_full":
+        return ref_pg(advantage, lp_s, lp_s_old, eps) if trusted else sig.full_fkl[t]
     raise AssertionError(name)
 
 
 # method.md: guidance belongs to the TrOPD family only; every other method is fully on-policy by default.
-GUIDED_BY_DEFAULT = {"tropd", "tropd_mask", "tropd_clip", "tropd_aopd"}
+GUIDED_BY_DEFAULT = {"tropd", "tropd_mask", "tropd_clip", "tropd_aopd", "tropd_full"}
 
 
 def ref_guided(cfg: MethodConfig, ctx: MethodContext) -> bool:
@@ -214,9 +232,13 @@ def ref_token_loss(sig: TokenSignals, cfg: MethodConfig, ctx: MethodContext) -> 
     return torch.stack(losses)
 
 
+FULL_FIELDS = ("full_fkl", "full_rkl", "full_jsd")
+
+
 def grads_of(scalar: torch.Tensor, sig: TokenSignals) -> list[torch.Tensor]:
-    """Gradients w.r.t. (lp_student, lp_student_topk); an input the loss does not use gets zeros."""
-    inputs = [sig.lp_student, sig.lp_student_topk]
+    """Gradients w.r.t. (lp_student, lp_student_topk, full_fkl, full_rkl, full_jsd); an input the loss
+    does not use gets zeros."""
+    inputs = [sig.lp_student, sig.lp_student_topk, *(getattr(sig, name) for name in FULL_FIELDS)]
     grads = torch.autograd.grad(scalar, inputs, allow_unused=True)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
 
@@ -254,6 +276,9 @@ def test_method_matches_transcription(name, one_update, config_values, context):
     assert_close(actual, expected, f"{name} per-token loss")
     assert_close(actual_grads[0], expected_grads[0], f"{name} d loss / d lp_student")
     assert_close(actual_grads[1], expected_grads[1], f"{name} d loss / d lp_student_topk")
+    for index, field_name in enumerate(FULL_FIELDS, start=2):
+        assert_close(actual_grads[index], expected_grads[index], f"{name} d loss / d {field_name}")
+        assert actual_grads[index][7] == 0, "padding token received gradient"
     assert actual_grads[0][7] == 0 and (actual_grads[1][7] == 0).all(), "padding token received gradient"
 
 
@@ -363,6 +388,10 @@ def random_signals(
     lp_teacher = lp_teacher_full.gather(-1, sampled).squeeze(-1)
     ratio = torch.empty(num_tokens, dtype=DTYPE).uniform_(0.7, 1.3, generator=gen)
     ratio = torch.ones_like(ratio) if one_update else ratio  # PPO clipping zeroes some gradients
+    p_teacher, p_student = lp_teacher_full.exp(), lp_student_full.exp()
+    lp_mix = (0.5 * p_teacher + 0.5 * p_student).log()
+    jsd = 0.5 * (p_teacher * (lp_teacher_full - lp_mix)).sum(-1)
+    jsd = jsd + 0.5 * (p_student * (lp_student_full - lp_mix)).sum(-1)
     return TokenSignals(
         lp_student=(lp_old + ratio.log()).requires_grad_(),
         lp_student_old=lp_old,
@@ -374,6 +403,9 @@ def random_signals(
         trust_mask=torch.rand(num_tokens, generator=gen) < (lp_teacher - lp_old).clamp_max(0).exp(),
         is_teacher_prefix=torch.rand(num_tokens, generator=gen) < 0.2,
         loss_mask=torch.rand(num_tokens, generator=gen) < 0.85,
+        full_fkl=(p_teacher * (lp_teacher_full - lp_student_full)).sum(-1).requires_grad_(),
+        full_rkl=(p_student * (lp_student_full - lp_teacher_full)).sum(-1).requires_grad_(),
+        full_jsd=jsd.requires_grad_(),
     )
 
 
@@ -632,6 +664,9 @@ def test_the_spec_says_which_signals_the_loss_reads(name):
     assert _changed(name, lp_teacher_topk=lambda x: (x - 0.3).clamp_max(0.0)) == spec.teacher_topk
     assert _changed(name, trust_mask=lambda m: ~m) == spec.trust_mask
     assert _changed(name, entropy_teacher=torch.zeros_like) == spec.teacher_entropy
+    for kind, field_name in zip(ops.FULL_DIVERGENCES, FULL_FIELDS, strict=True):
+        moved = _changed(name, **{field_name: lambda x: (x + 0.25).detach().requires_grad_()})
+        assert moved == (spec.full_divergence == kind), (name, kind)
     context = make_method_context(MethodConfig(name=name, topk=5), random_signals(40, seed=9), 0, 10)
     assert (context.entropy_threshold is not None) == (spec.entropy_fraction is not None)
     if spec.entropy_fraction is not None:  # the fraction the spec names is the one the loss keeps
@@ -737,3 +772,141 @@ def test_mismatched_or_malformed_signals_are_rejected():
         entropy_quantile_threshold(good.entropy_student_old, good.loss_mask, 0.0)
     with pytest.raises(ValueError, match=r"step must lie in \[0, total_steps = 10\)"):
         make_method_context(MethodConfig(**DEFAULT_CONFIG), good, step=10, total_steps=10)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Full-vocabulary methods from the student's logits and the teacher's hidden states (training's path)
+# ---------------------------------------------------------------------------------------------------------
+
+FULL_VOCAB, FULL_PADDED, FULL_TOPK = 37, 40, 5
+
+
+def full_vocab_batch(seed: int = 4, rows: int = 3, seq: int = 9, hidden: int = 6):
+    """A scored batch with the hidden payload from explicit fp64 logits: ``(batch, student logits
+    [rows, seq, 40] with padded columns 37.., teacher weight [37, hidden], teacher log-probs)``."""
+    from megatron_tropd.batch import RolloutBatch
+
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, seq, FULL_PADDED, generator=gen, dtype=DTYPE) * 2
+    logits[..., FULL_VOCAB:] = 30.0  # padded columns: large values that must never count
+    teacher_hidden = torch.randn(rows, seq, hidden, generator=gen, dtype=DTYPE)
+    teacher_weight = torch.randn(FULL_VOCAB, hidden, generator=gen, dtype=DTYPE)
+    lp_teacher_full = (teacher_hidden @ teacher_weight.T).log_softmax(-1)
+    tokens = torch.randint(1, FULL_VOCAB, (rows, seq), generator=gen)
+    labels = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], 1)
+    lp_student_full = logits[..., :FULL_VOCAB].log_softmax(-1)
+    loss_mask = torch.rand(rows, seq, generator=gen) < 0.85
+    loss_mask[:, -1] = False
+    topk_logprobs, topk_ids = lp_teacher_full.topk(FULL_TOPK, dim=-1)
+    lp_teacher = lp_teacher_full.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    lp_old = lp_student_full.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # one update: ratio 1
+    batch = RolloutBatch(
+        tokens, loss_mask, torch.rand(rows, seq, generator=gen) < 0.25, torch.arange(rows),
+        lp_teacher=lp_teacher, topk_ids=topk_ids, topk_logprobs=topk_logprobs, lp_student_old=lp_old,
+        entropy_student_old=-(lp_student_full.exp() * lp_student_full).sum(-1),
+        trust_mask=torch.rand(rows, seq, generator=gen) < 0.5, teacher_hidden=teacher_hidden,
+    )  # fmt: skip
+    return batch, logits, teacher_weight, lp_teacher_full
+
+
+def reference_full_vocab_loss(name, cfg: MethodConfig, batch, logits, lp_t, guided: bool):
+    """Token-mean loss and per-token full and top-k (``cfg.fkl_family``) FKL, in fp64 from full logits."""
+    lp_s = logits[..., :FULL_VOCAB].log_softmax(-1)
+    p_s, p_t = lp_s.exp(), lp_t.exp()
+    b = cfg.jsd_beta
+    lp_m = (b * p_t + (1 - b) * p_s).log()
+    divergences = {
+        "fkl_full": (p_t * (lp_t - lp_s)).sum(-1),
+        "rkl_full": (p_s * (lp_s - lp_t)).sum(-1),
+        "jsd_full": b * (p_t * (lp_t - lp_m)).sum(-1) + (1 - b) * (p_s * (lp_s - lp_m)).sum(-1),
+    }
+    lp_label = lp_s.gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)
+    pg = -(batch.lp_teacher - batch.lp_student_old) * torch.exp(lp_label - batch.lp_student_old)
+    fkl = divergences["fkl_full"]
+    student_loss = {
+        **divergences,
+        "tropd_full": torch.where(batch.trust_mask, pg, fkl),
+        "tropd": torch.where(batch.trust_mask, pg, _reference_topk_fkl(cfg, lp_s, batch)),
+    }[name]
+    guidance = cfg.guidance_beta * (batch.lp_teacher - lp_label) * float(guided)
+    per_token = torch.where(batch.is_teacher_prefix, guidance, student_loss)
+    valid = batch.loss_mask
+    loss = torch.where(valid, per_token, torch.zeros_like(per_token)).sum() / valid.sum()
+    return loss, fkl.detach(), _reference_topk_fkl(cfg, lp_s, batch).detach()
+
+
+def _reference_topk_fkl(cfg: MethodConfig, lp_s, batch):
+    """Raw top-k FKL, or (``tail``) the KL of both distributions coarse-grained to V_k plus one bucket."""
+    lp_s_k, lp_t_k = lp_s.gather(-1, batch.topk_ids), batch.topk_logprobs
+    raw = (lp_t_k.exp() * (lp_t_k - lp_s_k)).sum(-1)
+    if cfg.fkl_family == "raw":
+        return raw
+    tail_t, tail_s = 1 - lp_t_k.exp().sum(-1), 1 - lp_s_k.exp().sum(-1)
+    return raw + tail_t * (tail_t.log() - tail_s.log())
+
+
+FULL_CASES = {
+    "fkl_full": dict(),
+    "rkl_full": dict(),
+    "jsd_full": dict(jsd_beta=0.3),
+    "tropd_full": dict(fkl_family="tail", guidance_beta=0.05),
+    "tropd": dict(teacher_payload="hidden", fkl_family="tail"),  # a top-k method: only the metrics change
+}
+
+
+@pytest.mark.parametrize("name", list(FULL_CASES))
+def test_full_vocab_methods_match_the_fp64_reference_from_full_logits(name):
+    """Loss, gradient w.r.t. the student logits and the ``bias/*`` metrics through
+    ``training.student_signals`` (TP 1, padded columns present) against direct fp64 formulas."""
+    from megatron_tropd.ops import VocabShard, teacher_output_weight_shard
+    from megatron_tropd.training import full_divergences, student_signals
+
+    cfg = MethodConfig(name=name, topk=FULL_TOPK, **FULL_CASES[name])
+    batch, logits, weight, lp_t = full_vocab_batch()
+    shard = teacher_output_weight_shard(
+        weight, VocabShard(0, FULL_PADDED, FULL_VOCAB), FULL_VOCAB, FULL_VOCAB, DTYPE
+    )
+    leaf = logits.clone().requires_grad_()
+    signals = student_signals(
+        leaf, batch, None, FULL_VOCAB, with_tail=cfg.fkl_family == "tail",
+        full=full_divergences(cfg, batch, shard),
+    )  # fmt: skip
+    loss_sum, num_tokens, metrics = loss_sum_and_metrics(signals, cfg, CONTEXT)
+    (loss_sum / num_tokens).backward()
+
+    ref_leaf = logits.clone().requires_grad_()
+    guided = METHOD_SPECS[name].guidance
+    ref_loss, ref_fkl, ref_topk = reference_full_vocab_loss(name, cfg, batch, ref_leaf, lp_t, guided)
+    ref_loss.backward()
+    torch.testing.assert_close(loss_sum / num_tokens, ref_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-9, atol=1e-12)
+    assert (leaf.grad[..., FULL_VOCAB:] == 0).all()
+    reduced = reduce_metrics([metrics])
+    student = batch.loss_mask & ~batch.is_teacher_prefix
+    for where, mask in (("trusted", student & batch.trust_mask), ("outlier", student & ~batch.trust_mask)):
+        assert mask.any()
+        full, topk = ref_fkl[mask].mean().item(), ref_topk[mask].mean().item()
+        assert reduced[f"bias/full_fkl_{where}"] == pytest.approx(full, rel=1e-10)
+        assert reduced[f"bias/topk_fkl_{where}"] == pytest.approx(topk, rel=1e-10)
+        assert reduced[f"bias/full_minus_topk_{where}"] == pytest.approx(full - topk, rel=1e-9)
+        if cfg.fkl_family == "tail":  # coarse-graining never increases a KL divergence
+            assert full >= topk
+
+
+def test_full_vocab_methods_explain_what_is_missing():
+    from megatron_tropd.training import full_divergences
+
+    batch, _, weight, _ = full_vocab_batch()
+    with pytest.raises(ValueError, match="attach_teacher_weight"):
+        full_divergences(MethodConfig(name="fkl_full"), batch, None)
+    no_hidden = batch.with_signals(teacher_hidden=None)
+    with pytest.raises(ValueError, match="teacher_hidden_size"):
+        full_divergences(MethodConfig(name="rkl_full"), no_hidden, weight)
+    assert full_divergences(MethodConfig(name="tropd"), no_hidden, None) is None
+    with pytest.raises(ValueError, match="full_fkl is None.*teacher_payload=hidden"):
+        signals = dataclasses.replace(random_signals(6, seed=1), full_fkl=None)
+        token_loss(signals, MethodConfig(name="fkl_full", topk=5), CONTEXT)
+    with pytest.raises(ValueError, match=r"method.teacher_payload = 'logits'.*topk, hidden"):
+        MethodConfig(teacher_payload="logits").validate()
+    assert MethodConfig(name="tropd_full").hidden_payload and not MethodConfig(name="tropd").hidden_payload
+    assert MethodConfig(name="tropd", teacher_payload="hidden").hidden_payload

@@ -308,7 +308,7 @@ def test_table5_rows_are_math_recipes_and_print_config_shows_the_effective_guida
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert set(TABLE5_METHODS) <= set(METHOD_NAMES) and "fkl_outlier" in TABLE5_METHODS
-    guided = {"tropd", "tropd_mask", "tropd_clip", "tropd_aopd"}  # method.md: the TrOPD family only
+    guided = {"tropd", "tropd_mask", "tropd_clip", "tropd_aopd", "tropd_full"}  # the TrOPD family only
     assert {name for name, spec in METHOD_SPECS.items() if spec.guidance} == guided
     for method in TABLE5_METHODS:
         assert get_recipe(f"deepseek_math_{method}").rollout.guidance is None  # the method decides

@@ -23,7 +23,7 @@ from recipes import get_recipe
 from tests.loss_helpers import make_method_context
 
 # method.md: guidance belongs to the TrOPD family; every other method runs fully on-policy by default
-GUIDED_BY_DEFAULT = {"tropd", "tropd_mask", "tropd_clip", "tropd_aopd"}
+GUIDED_BY_DEFAULT = {"tropd", "tropd_mask", "tropd_clip", "tropd_aopd", "tropd_full"}
 
 
 def _requests_as_launched(monkeypatch, recipe: str, overrides: list[str]):
@@ -66,6 +66,8 @@ def _one_prefix_token(topk: int):
         lp_student_topk=lp_topk.clone().requires_grad_(), lp_teacher_topk=lp_topk,
         entropy_student_old=torch.ones(2), entropy_teacher=torch.ones(2), trust_mask=both,
         is_teacher_prefix=torch.tensor([True, False]), loss_mask=both,
+        full_fkl=torch.ones(2, requires_grad=True), full_rkl=torch.ones(2, requires_grad=True),
+        full_jsd=torch.ones(2, requires_grad=True),
     )  # fmt: skip
 
 
@@ -190,6 +192,9 @@ def test_every_method_trains_two_steps_with_finite_metrics(tmp_path):
             bad = {k: v for k, v in numeric.items() if not math.isfinite(v)}
             assert not bad, f"{method}: non-finite {bad}"
             assert record["grad_norm"] > 0, method
+            # the hidden teacher payload (the full-vocabulary methods) brings the top-k bias metrics
+            hidden = _method_config(method, config.train_steps).hidden_payload
+            assert ("bias/full_minus_topk_outlier" in record) == hidden, method
         # end to end: only the TrOPD family continues teacher prefixes and has the guidance term
         guided = method in GUIDED_BY_DEFAULT
         assert (records[0]["prefix_share"] > 0) == guided, method
@@ -225,3 +230,21 @@ def test_precision_is_a_setting_of_each_model(tmp_path):
     (dtypes, loss), _ = run_on_ranks(precision_worker, 2, config)
     assert dtypes == {"student": ["torch.bfloat16"], "teacher": ["torch.float16"], "main": ["torch.float32"]}
     assert math.isfinite(loss)
+
+
+@pytest.mark.parametrize(("recipe", "payload"), [("tiny_cpu_fkl_full", "topk"), ("tiny_cpu_tropd", "hidden")])
+def test_hidden_payload_refuses_several_teachers_and_names_the_fix(recipe, payload):
+    from megatron_tropd import trainer
+    from megatron_tropd.config import TeacherConfig
+
+    config = get_recipe(recipe)
+    config.method.teacher_payload = payload
+    trainer._check_hidden_payload(config)  # one teacher: accepted
+    config.teachers = {"math": TeacherConfig(), "code": TeacherConfig()}
+    refusal = r"resolves to 'hidden'.*one teacher.*code, math.*teacher_payload=topk"
+    with pytest.raises(ValueError, match=refusal):
+        trainer._check_hidden_payload(config)
+    with pytest.raises(ValueError, match=refusal):  # before any process starts
+        config.validate()
+    config.method = dataclasses.replace(config.method, name="tropd", teacher_payload="topk")
+    trainer._check_hidden_payload(config)  # a top-k method with the top-k payload: several are fine
