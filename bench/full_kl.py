@@ -45,8 +45,8 @@ from pathlib import Path
 
 import psutil
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from megatron_tropd.memory import peak_cpu_tensor_bytes
 from megatron_tropd.ops import vocab_parallel_full_divergence, vocab_parallel_topk_forward_kl
 from megatron_tropd.ops.vocab_parallel import CHUNK_BYTES
 from megatron_tropd.spawn import run_on_ranks
@@ -111,22 +111,6 @@ def _timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
-def _profiled_peak_bytes(fn) -> int:
-    """Peak live CPU tensor bytes above the starting level while ``fn`` runs (profiler memory events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [
-        event
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    live = peak = 0
-    for event in sorted(events, key=lambda event: event.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def _measured_peak(fn, device) -> tuple[int, int | None, float]:
     """``(tensor peak bytes, resident-memory peak bytes or None, seconds)`` of the first pass."""
     if device.type == "cuda":
@@ -137,7 +121,7 @@ def _measured_peak(fn, device) -> tuple[int, int | None, float]:
         return torch.cuda.max_memory_allocated() - before, None, seconds
     rss_before = psutil.Process().memory_info().rss
     start = time.perf_counter()
-    tensor_peak = _profiled_peak_bytes(fn)
+    tensor_peak = peak_cpu_tensor_bytes(fn)
     seconds = time.perf_counter() - start
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     return tensor_peak, rss_peak, seconds

@@ -49,7 +49,7 @@ def synthetic_batch(num_sequences: int, seq_len: int, vocab_size: int, step: int
     return RolloutBatch(tokens, loss_mask, prefix, torch.arange(num_sequences) + step * num_sequences)
 
 
-def _build(args, tensor_parallel):
+def _build(args, tensor_parallel, packing_budget: int = 0):
     from megatron_tropd.placed import place_model
     from megatron_tropd.runtime import start
     from megatron_tropd.topology import ParallelLayout
@@ -58,8 +58,8 @@ def _build(args, tensor_parallel):
     topology = start(ParallelLayout(tensor_parallel, 1), seed=1234)
     student_config, teacher_config = getattr(shapes, args.student)(), getattr(shapes, args.teacher)()
     optim = OptimConfig(micro_batch_size=args.micro_batch_size)
-    if getattr(args, "packing_budget", 0):
-        optim = OptimConfig(micro_batch_size=1, max_tokens_per_microbatch=args.packing_budget)
+    if packing_budget:
+        optim = OptimConfig(micro_batch_size=1, max_tokens_per_microbatch=packing_budget)
     student = build_student(student_config, optim, topology.student, total_steps=args.steps + 1, seed=1)
     teacher = place_model(teacher_config, topology.teacher, seed=2)
     return topology, student, teacher, student_config
@@ -103,10 +103,20 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
+def _score_and_train(topology, student, teacher, spec, method, batch, step: int, steps: int):
+    """Seconds of scoring ``batch`` and of one training step on it (step ``step`` of ``steps``)."""
+    from megatron_tropd.scoring import score_batch
+    from megatron_tropd.training import batch_context, train_step
+
+    scored, score_seconds = _timed(lambda: score_batch(batch, student.placed, teacher, spec, step))
+    context = batch_context(method, scored, step, steps, topology.student)
+    _, train_seconds = _timed(lambda: train_step(student, scored, method, context))
+    return score_seconds, train_seconds
+
+
 def bench_worker(rank, world_size, args, tensor_parallel):
     from megatron_tropd.runtime import default_device
-    from megatron_tropd.scoring import ScoringSpec, score_batch
-    from megatron_tropd.training import batch_context, train_step
+    from megatron_tropd.scoring import ScoringSpec
 
     topology, student, teacher, student_config = _build(args, tensor_parallel)
     method = MethodConfig(name="tropd", topk=args.topk)
@@ -115,11 +125,9 @@ def bench_worker(rank, world_size, args, tensor_parallel):
     for step in range(args.steps + 1):  # step 0 warms up
         batch = synthetic_batch(args.sequences, args.seq_len, student_config.vocab_size, step)
         batch = batch.to(default_device())
-        scored, score_seconds = _timed(
-            lambda b=batch, s=step: score_batch(b, student.placed, teacher, spec, s)
+        score_seconds, train_seconds = _score_and_train(
+            topology, student, teacher, spec, method, batch, step, args.steps + 1
         )
-        context = batch_context(method, scored, step, args.steps + 1, topology.student)
-        _, train_seconds = _timed(lambda s=scored, c=context: train_step(student, s, method, c))
         if step:
             score_times.append(score_seconds)
             train_times.append(train_seconds)
@@ -131,12 +139,10 @@ def packing_worker(rank, world_size, args, packed: bool):
     path processed (the padded path runs every row at the batch's longest length)."""
     from megatron_tropd.packing import packed_microbatches, sequence_lengths
     from megatron_tropd.runtime import default_device
-    from megatron_tropd.scoring import ScoringSpec, score_batch
-    from megatron_tropd.training import batch_context, train_step
+    from megatron_tropd.scoring import ScoringSpec
 
     budget = args.seq_len + max(args.seq_len // 8, 2) if packed else 0
-    args.packing_budget = budget
-    topology, student, teacher, student_config = _build(args, 1)
+    topology, student, teacher, student_config = _build(args, 1, budget)
     method = MethodConfig(name="tropd", topk=args.topk)
     spec = ScoringSpec(
         student_config.vocab_size, args.topk, False, args.micro_batch_size, method.trust_seed, budget
@@ -144,11 +150,9 @@ def packing_worker(rank, world_size, args, packed: bool):
     score_times, train_times, real, processed = [], [], 0, 0
     for step in range(args.steps + 1):  # step 0 warms up
         batch = length_mix_batch(args, student_config.vocab_size, step).to(default_device())
-        scored, score_seconds = _timed(
-            lambda b=batch, s=step: score_batch(b, student.placed, teacher, spec, s)
+        score_seconds, train_seconds = _score_and_train(
+            topology, student, teacher, spec, method, batch, step, args.steps + 1
         )
-        context = batch_context(method, scored, step, args.steps + 1, topology.student)
-        _, train_seconds = _timed(lambda s=scored, c=context: train_step(student, s, method, c))
         if step:
             score_times.append(score_seconds)
             train_times.append(train_seconds)

@@ -155,24 +155,12 @@ def _continuous(placed, requests, sampling, slots: int, chunk: int, reverse: boo
 
 
 def _invariance_worker(rank: int, world_size: int, tensor_parallel: int, pipeline_parallel: int) -> dict:
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from megatron_tropd.models import build_gpt_model, tiny
-    from megatron_tropd.placed import PlacedModel
-    from megatron_tropd.runtime import enable_cpu_mode
-    from megatron_tropd.topology import ParallelLayout, build_topology
+    from megatron_tropd.models import tiny
+    from megatron_tropd.placed import one_model_groups, place_model
     from tests.test_rollout import _check_sampled_logprobs
 
-    enable_cpu_mode()
-    layout = ParallelLayout(tensor_parallel, pipeline_parallel)
-    groups = build_topology(layout, layout).student
-    model_parallel_cuda_manual_seed(1234)
-    model = build_gpt_model(
-        tiny("qwen2"), groups.pg_collection, pre_process=groups.is_first_stage,
-        post_process=groups.is_last_stage, tensor_parallel_size=tensor_parallel,
-        pipeline_parallel_size=pipeline_parallel, seed=11,
-    ).eval()  # fmt: skip
-    placed = PlacedModel(model, groups, tiny("qwen2"))
+    groups = one_model_groups(tensor_parallel, pipeline_parallel, seed=1234)
+    placed = place_model(tiny("qwen2"), groups, seed=11)
     requests = _workload()
     greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
     plain = MegatronGenerationEngine(placed, 40, 4, batching="static").generate(requests, greedy)
@@ -194,7 +182,7 @@ def _invariance_worker(rank: int, world_size: int, tensor_parallel: int, pipelin
             requests, by_sampling["sampled"]
         )
         generating = [result for result in sampled if result.generated_token_ids]  # budget 0: nothing
-        _check_sampled_logprobs(model, groups, generating, by_sampling["sampled"])
+        _check_sampled_logprobs(placed.stage, groups, generating, by_sampling["sampled"])
         fallback = MegatronGenerationEngine(placed, 40, 4, decoder="megatron", batching="continuous")
         _assert_same(
             _outputs(fallback.generate(requests, by_sampling["greedy"])), outputs["greedy"], "megatron"

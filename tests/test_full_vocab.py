@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.distributed as dist
-from torch.profiler import ProfilerActivity, profile
 
+from megatron_tropd.memory import peak_cpu_tensor_bytes
 from megatron_tropd.ops import full_vocab as fv
 from megatron_tropd.ops import reference as ref
 from megatron_tropd.ops.vocab_parallel import VocabShard, vocab_shard
@@ -238,23 +238,6 @@ def test_full_divergences_match_reference(tp):
             _check_case(case, per_rank, tp, dtype)
 
 
-def _peak_tensor_bytes(fn) -> int:
-    """Peak live CPU tensor memory allocated while ``fn`` runs, above the level at its start: the running
-    sum of the profiler's allocation (+bytes) and free (-bytes) events in time order."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [
-        event
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    live = peak = 0
-    for event in sorted(events, key=lambda event: event.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def _memory_problem(num_tokens=512, vocab=96, hidden=8):
     generator = torch.Generator().manual_seed(3)
     logits = torch.randn(num_tokens, vocab, generator=generator, dtype=torch.float64).requires_grad_(True)
@@ -298,11 +281,11 @@ def test_peak_memory_stays_at_chunk_scale(kind, inplace):
         value = ref.vocab_parallel_full_divergence(logits, hidden @ weight.T, 96, kind)
         torch.autograd.grad(value.sum(), logits)
 
-    assert _peak_tensor_bytes(dense_step) > 2 * full_bytes  # the instrument sees [T, V] temporaries
-    assert _peak_tensor_bytes(forward) < full_bytes / 2
+    assert peak_cpu_tensor_bytes(dense_step) > 2 * full_bytes  # the instrument sees [T, V] temporaries
+    assert peak_cpu_tensor_bytes(forward) < full_bytes / 2
     gradient_bytes = 0 if inplace else full_bytes
     assert (
-        _peak_tensor_bytes(lambda: torch.autograd.grad(forward().sum(), logits))
+        peak_cpu_tensor_bytes(lambda: torch.autograd.grad(forward().sum(), logits))
         < gradient_bytes + full_bytes / 2
     )
 

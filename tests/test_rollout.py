@@ -124,25 +124,13 @@ def _check_request_budget(engine, greedy: list[list[int]]) -> None:
 
 
 def _generation_worker(rank: int, world_size: int, tensor_parallel: int, pipeline_parallel: int):
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from megatron_tropd.models import build_gpt_model, tiny
-    from megatron_tropd.placed import PlacedModel
+    from megatron_tropd.models import tiny
+    from megatron_tropd.placed import one_model_groups, place_model
     from megatron_tropd.rollout.megatron_engine import MegatronGenerationEngine
-    from megatron_tropd.runtime import enable_cpu_mode
-    from megatron_tropd.topology import ParallelLayout, build_topology
 
-    enable_cpu_mode()
-    layout = ParallelLayout(tensor_parallel, pipeline_parallel)
-    groups = build_topology(layout, layout).student
-    model_parallel_cuda_manual_seed(1234)
-    model = build_gpt_model(
-        tiny("qwen2"), groups.pg_collection, pre_process=groups.is_first_stage,
-        post_process=groups.is_last_stage, tensor_parallel_size=tensor_parallel,
-        pipeline_parallel_size=pipeline_parallel, seed=MODEL_SEED,
-    )  # fmt: skip
-    model.eval()
-    placed = PlacedModel(model, groups, tiny("qwen2"))
+    groups = one_model_groups(tensor_parallel, pipeline_parallel, seed=1234)
+    placed = place_model(tiny("qwen2"), groups, seed=MODEL_SEED)
+    model = placed.stage
     assert placed.vocab_size == VOCAB_SIZE
     tokens = {}
     for batching in ("continuous", "static"):
