@@ -527,6 +527,10 @@ class EvalConfig(EvalSettings):
     interval: int = 0
     """Evaluate every this many steps, before the first and after the last (0 = never)."""
 
+    at_start: bool = True
+    """Also evaluate before the first step (NeMo-RL's ``val_at_start``); off when the starting model's
+    score is already known, e.g. several runs from the same checkpoint."""
+
     benchmarks: str = ""
     """Directory with ``benchmarks.json`` (``tools/prepare_benchmarks.py`` writes one); needed when
     ``interval > 0``."""

@@ -185,7 +185,8 @@ def _in_training_eval(config: RunConfig, topology, student, tokenizer: Tokenizer
 
 
 def evaluate_student(job: Job, step: int) -> dict[str, float]:
-    """avg@k of the student on each held-out benchmark and their mean (collective; every rank returns)."""
+    """avg@k of the student on each held-out benchmark, their mean and, with benchmarks of several
+    domains, ``domain/<d>`` per domain (``EvalReport.scores``; collective, every rank returns)."""
     from megatron_tropd.eval.scoring import evaluate
 
     e = job.config.eval
@@ -194,8 +195,7 @@ def evaluate_student(job: Job, step: int) -> dict[str, float]:
         job.evaluation.benchmarks, job.evaluation.generate, e.samples_per_prompt, e.temperature,
         run=f"step{step}", raw_prompts=e.raw_prompts,
     )  # fmt: skip
-    scores = {b.name: b.avg_at_k for b in report.benchmarks}
-    return {**scores, "average": report.average, "seconds": time.perf_counter() - started}
+    return {**report.scores(), "seconds": time.perf_counter() - started}
 
 
 def _evaluation_due(job: Job, done: int) -> bool:
@@ -473,7 +473,7 @@ def run(config: RunConfig) -> list[dict]:
         (job.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
         write_yaml(config, job.run_dir / "config.yaml")  # `--config <run dir>/config.yaml` reruns it
     try:
-        if job.evaluation is not None and loop_state.step == 0:
+        if job.evaluation is not None and loop_state.step == 0 and job.config.eval.at_start:
             log.write_eval(0, evaluate_student(job, 0))  # the starting point of the accuracy curve
         for step in range(loop_state.step, config.train_steps):
             record = train_one_step(job, step)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from megatron_tropd.data import Tokenizer
+from megatron_tropd.demo.report import read_metrics
 from megatron_tropd.fidelity import task
 from megatron_tropd.fidelity.probe import summarise, token_sums
 from megatron_tropd.fidelity.study import GUIDED, METHODS, TOPK, VOCAB_SIZE, write_tokenizer
@@ -116,13 +117,37 @@ def test_quick_study_end_to_end(tmp_path):
         assert config["rollout"]["guidance"] is (method in GUIDED)  # set explicitly, never a default
         assert seed["runs"][method]["guidance"] is (method in GUIDED)
         assert 0.0 <= seed["probes"][method]["p_trust"] <= 1.0
+        # eval.at_start=false: the loop evaluates after its step only; the starting point is the initial
+        # student's own score, measured once after its SFT
+        _, evals = read_metrics(tmp_path / "work" / "seed0" / "runs" / method / "metrics.jsonl")
+        assert [e["step"] for e in evals] == [1]
+        student_accuracy = next(m["accuracy"] for m in seed["models"] if m["name"] == "student")
+        assert seed["runs"][method]["accuracy_curve"][0] == [0, student_accuracy]
     assert 0.0 < seed["probes"]["initial"]["teacher_topk_mass"] <= 1.0
-    assert seed["teacher_trace_tokens"] > 40  # thinking words make the traces longer than the chain (19)
+    assert seed["teacher_trace_tokens"] > 200  # the reflection's thinking words: the paper's long traces
     table = (out / "fidelity.md").read_text()
     assert "| OPD | opd (off) |" in table and "| TrOPD | tropd (on) |" in table
     assert (out / "fidelity.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="earlier study"):
         bench.main([*argv, "--out", str(out)])
+
+
+def test_sft_starts_on_short_reflections_and_ends_on_the_long_writer():
+    from megatron_tropd.demo.pretrain import PretrainSpec, _step_pairs
+    from megatron_tropd.fidelity.study import FULL, pretrain_specs
+
+    teacher, student = pretrain_specs(FULL, seed=0)
+    assert teacher.curriculum_steps == int(0.7 * FULL.teacher_steps) and student.curriculum_steps > 0
+    assert isinstance(teacher, PretrainSpec) and teacher.writer == task.TEACHER_WRITER
+
+    def thinking_words(step: int) -> float:
+        pairs = _step_pairs(teacher, step)
+        return sum(sum(w.startswith("w") for w in response.split()) for _, response in pairs) / len(pairs)
+
+    short, long = thinking_words(0), thinking_words(teacher.curriculum_steps)
+    assert task.SHORT_REFLECTION[0] <= short <= task.SHORT_REFLECTION[1]
+    assert task.REFLECTION[0] <= long <= task.REFLECTION[1]
+    assert thinking_words(teacher.curriculum_steps - 1) == pytest.approx(short, abs=3)
 
 
 def test_methods_are_the_papers_table_5_rows():

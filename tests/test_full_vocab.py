@@ -1,5 +1,5 @@
 """ops/full_vocab.py equals the dense fp64 reference (ops/reference.py) in value and gradient on TP = 1, 2, 4
-gloo processes, and keeps no teacher logits beyond one chunk.
+gloo processes, keeps no teacher logits beyond one chunk, and runs the teacher's matmul once per step.
 
 Each rank computes the divergence from its slice of the student logits, the teacher's hidden states and
 its own rows of the teacher's output weight (``teacher_output_weight_shard``); the parent concatenates
@@ -246,31 +246,112 @@ def _memory_problem(num_tokens=512, vocab=96, hidden=8):
     return logits, teacher_hidden, teacher_weight
 
 
-@pytest.mark.parametrize("kind", fv.FULL_DIVERGENCES)
-def test_saves_no_teacher_logits(kind):
-    """Everything saved for backward is an input (no copy) or a per-token statistic of at most T values."""
+def _saved_and_returned_gradient(kind, inplace):
+    """Runs forward and backward under a ``saved_tensors_hooks`` recorder and a gradient hook on the
+    logits. Returns the inputs, the saved tensors (the tensor objects) and the logits gradient the
+    backward produced (before any accumulation into ``.grad``)."""
     logits, hidden, weight = _memory_problem()
-    inputs = {t.untyped_storage().data_ptr() for t in (logits, hidden, weight)}
-    saved = []
+    saved, returned = [], []
 
     def pack(tensor):
-        saved.append((tensor.untyped_storage().data_ptr(), tensor.numel(), tuple(tensor.shape)))
+        saved.append(tensor)
         return tensor
 
+    logits.register_hook(returned.append)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fv.vocab_parallel_full_divergence(logits, hidden, weight, None, 96, kind, chunk_tokens=8)
-    assert any(ptr == logits.untyped_storage().data_ptr() for ptr, _, _ in saved)  # the hook sees the saves
-    too_large = [shape for ptr, numel, shape in saved if ptr not in inputs and numel > logits.shape[0]]
+        value = fv.vocab_parallel_full_divergence(
+            logits, hidden, weight, None, 96, kind, chunk_tokens=8, inplace_backward=inplace
+        )
+    value.sum().backward()
+    return (logits, hidden, weight), saved, returned[0]
+
+
+def _storage(tensor):
+    return tensor.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("kind", fv.FULL_DIVERGENCES)
+def test_saves_only_the_gradient_beyond_per_token_statistics(kind):
+    """With a gradient written by the forward, the one logits-sized tensor saved for backward is the
+    gradient buffer, and it is exactly the tensor the backward returns as the logits' gradient; every
+    other save is an input (no copy) or a per-token statistic of at most T values. Any teacher-derived
+    ``[T, V]`` tensor kept for backward would be a second large save and fail."""
+    inputs, saved, grad = _saved_and_returned_gradient(kind, inplace=False)
+    logits = inputs[0]
+    assert saved, "the hook sees the saves"
+    input_storages = {_storage(t) for t in inputs}
+    large = [t for t in saved if _storage(t) not in input_storages and t.numel() > logits.shape[0]]
+    assert len(large) == 1, f"saved for backward beyond per-token statistics: {[t.shape for t in large]}"
+    buffer = large[0]
+    assert buffer.shape == logits.shape and buffer.dtype == logits.dtype
+    assert _storage(buffer) == _storage(grad), "the saved buffer is not the gradient the backward returns"
+    assert _storage(buffer) not in input_storages
+
+
+@pytest.mark.parametrize("kind", fv.FULL_DIVERGENCES)
+def test_inplace_backward_saves_no_teacher_logits(kind):
+    """With ``inplace_backward`` everything saved is an input (no copy) or a per-token statistic, and the
+    gradient is written into the logits' own storage."""
+    inputs, saved, grad = _saved_and_returned_gradient(kind, inplace=True)
+    logits = inputs[0]
+    input_storages = {_storage(t) for t in inputs}
+    assert any(_storage(t) == _storage(logits) for t in saved)  # the hook sees the saves
+    too_large = [t.shape for t in saved if _storage(t) not in input_storages and t.numel() > logits.shape[0]]
     assert not too_large, f"saved for backward beyond per-token statistics: {too_large}"
+    assert _storage(grad) == _storage(logits)
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("kind", fv.FULL_DIVERGENCES)
+def test_backward_runs_no_teacher_matmul(kind, inplace, monkeypatch):
+    """The teacher's logits are formed once per chunk in the forward, and never in the backward unless
+    ``inplace_backward`` asks for the gradient in the logits' storage (then once more per chunk)."""
+    logits, hidden, weight = _memory_problem()
+    calls = []
+    teacher_logits = fv._teacher_logits
+
+    def counted(hidden_rows, weight_valid):
+        calls.append(hidden_rows.shape[0])
+        return teacher_logits(hidden_rows, weight_valid)
+
+    monkeypatch.setattr(fv, "_teacher_logits", counted)
+    value = fv.vocab_parallel_full_divergence(
+        logits, hidden, weight, None, 96, kind, chunk_tokens=8, inplace_backward=inplace
+    )
+    num_chunks = -(-logits.shape[0] // 8)
+    assert len(calls) == num_chunks and sum(calls) == logits.shape[0]
+    value.sum().backward()
+    assert len(calls) == (2 if inplace else 1) * num_chunks
+
+
+@pytest.mark.parametrize("kind", fv.FULL_DIVERGENCES)
+def test_no_gradient_buffer_without_a_gradient(kind):
+    """Under ``torch.no_grad()``, and for logits that do not require grad, the forward allocates less
+    than half of one ``[T, V]`` tensor, while with a gradient it holds the gradient buffer (so the
+    instrument would see one)."""
+    logits, hidden, weight = _memory_problem()
+    full_bytes = logits.numel() * logits.element_size()
+    kept = []
+
+    def forward(leaf):
+        kept.append(fv.vocab_parallel_full_divergence(leaf, hidden, weight, None, 96, kind, chunk_tokens=8))
+
+    with torch.no_grad():
+        assert peak_cpu_tensor_bytes(lambda: forward(logits)) < full_bytes / 2
+    assert peak_cpu_tensor_bytes(lambda: forward(logits.detach())) < full_bytes / 2
+    assert peak_cpu_tensor_bytes(lambda: forward(logits)) >= full_bytes  # kept alive by the graph
+    assert kept[-1].requires_grad and not kept[0].requires_grad
 
 
 @pytest.mark.parametrize("inplace", [True, False])
 @pytest.mark.parametrize("kind", fv.FULL_DIVERGENCES)
 def test_peak_memory_stays_at_chunk_scale(kind, inplace):
-    """The forward allocates less than half of one teacher-logits tensor ``[T, V]``, and forward plus
-    backward no more beyond the gradient: a teacher-logits tensor of the whole batch, even briefly, fails."""
+    """Beyond the gradient of the logits (a buffer the forward fills unless ``inplace_backward``), the
+    forward allocates less than half of one teacher-logits tensor ``[T, V]``, and forward plus backward
+    no more: a teacher-logits tensor of the whole batch, even briefly, fails."""
     logits, hidden, weight = _memory_problem()
     full_bytes = logits.numel() * logits.element_size()
+    gradient_bytes = 0 if inplace else full_bytes
 
     def forward():
         return fv.vocab_parallel_full_divergence(
@@ -282,8 +363,9 @@ def test_peak_memory_stays_at_chunk_scale(kind, inplace):
         torch.autograd.grad(value.sum(), logits)
 
     assert peak_cpu_tensor_bytes(dense_step) > 2 * full_bytes  # the instrument sees [T, V] temporaries
-    assert peak_cpu_tensor_bytes(forward) < full_bytes / 2
-    gradient_bytes = 0 if inplace else full_bytes
+    with torch.no_grad():
+        assert peak_cpu_tensor_bytes(forward) < full_bytes / 2
+    assert peak_cpu_tensor_bytes(forward) < gradient_bytes + full_bytes / 2
     assert (
         peak_cpu_tensor_bytes(lambda: torch.autograd.grad(forward().sum(), logits))
         < gradient_bytes + full_bytes / 2

@@ -3,6 +3,7 @@
     python tools/prepare_benchmarks.py --out data/benchmarks                 # all seven, from the hub
     python tools/prepare_benchmarks.py --out data/benchmarks --only AIME24 GPQA-D
     python tools/prepare_benchmarks.py --out data/benchmarks --local mirror/  # mirror/<name>.jsonl rows
+    python tools/prepare_benchmarks.py --out data/benchmarks --domain GPQA-D=multiple_choice  # its family
 
 Each benchmark is one row of :data:`SOURCES`: where it lives on the hub and which hub column feeds which
 schema field; a converter per row shape does the rest (option shuffling, test decoding). Every converted
@@ -10,6 +11,11 @@ row is validated by :func:`megatron_tropd.eval.schema.parse_item` before it is w
 ``benchmarks.json`` lists what was written (in the paper's column order). Rows that cannot be represented
 are skipped and counted (IFBench constraints without a registered checker; LiveCodeBench problems with no
 usable tests); the counts are logged and stored in the manifest.
+
+Each manifest entry names the benchmark's ``domain``, what per-domain averages group it under: the
+family, except GPQA-D under ``science`` (graduate-level science questions), so that the math, code and
+science scores line up with the domains of the multi-teacher recipes' teachers. ``--domain NAME=DOMAIN``
+sets another.
 
 Hub access needs the ``datasets`` package (and ``huggingface_hub`` for LiveCodeBench's JSONL files) and,
 for the gated GPQA, a token (``huggingface-cli login``). ``--local`` reads hub-shaped rows from files
@@ -59,6 +65,8 @@ class HubSource:
     """Only rows whose hub column has one of these values."""
     date_window: tuple[str, str] | None = None
     """LiveCodeBench: [start, end) on contest_date (ISO); None keeps every problem of the release."""
+    domain: str = ""
+    """The domain written to the manifest; empty means the family."""
 
 
 # Paper column order (Table 4): AIME24, AIME25, AMC23, GPQA-D, MMLU-Redux, IFBench, LCB v6.
@@ -88,6 +96,7 @@ SOURCES: dict[str, HubSource] = {
         "shuffled_options",
         split="train",
         config="gpqa_diamond",
+        domain="science",
     ),
     "MMLU-Redux": HubSource(
         "multiple_choice",
@@ -269,10 +278,14 @@ def _local_rows(directory: Path, name: str) -> Iterable[dict]:
         yield from (json.loads(line) for line in handle if line.strip())
 
 
-def prepare(out_dir: Path, names: list[str], local_dir: Path | None = None) -> dict:
-    """Convert and write the benchmarks; returns the manifest written to ``benchmarks.json``."""
+def prepare(
+    out_dir: Path, names: list[str], local_dir: Path | None = None, domains: dict[str, str] | None = None
+) -> dict:
+    """Convert and write the benchmarks; returns the manifest written to ``benchmarks.json``.
+    ``domains`` overrides the domain of the benchmarks it names."""
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {}
+    domains = domains or {}
     for name in names:
         spec = SOURCES[name]
         rows = _local_rows(local_dir, name) if local_dir else _hub_rows(spec)
@@ -281,7 +294,13 @@ def prepare(out_dir: Path, names: list[str], local_dir: Path | None = None) -> d
         temporary = out_dir / (filename + ".tmp")
         temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in converted), "utf-8")
         temporary.replace(out_dir / filename)  # never leave a half-written benchmark behind
-        manifest[name] = {"family": spec.family, "file": filename, "source": spec.repo, "skipped": skipped}
+        manifest[name] = {
+            "family": spec.family,
+            "domain": domains.get(name) or spec.domain or spec.family,
+            "file": filename,
+            "source": spec.repo,
+            "skipped": skipped,
+        }
         if spec.loose:
             manifest[name]["loose"] = True
     (out_dir / "benchmarks.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
@@ -293,10 +312,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory for the JSONL files")
     parser.add_argument("--only", nargs="+", choices=list(SOURCES), default=list(SOURCES))
     parser.add_argument("--local", type=Path, help="read hub-shaped rows from DIR/<name>.jsonl (offline)")
+    parser.add_argument(
+        "--domain", type=_domain_override, action="append", default=[], metavar="NAME=DOMAIN",
+        help="report benchmark NAME under DOMAIN (repeatable; default: the family, GPQA-D under science)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    prepare(args.out, args.only, args.local)
+    prepare(args.out, args.only, args.local, dict(args.domain))
     return 0
+
+
+def _domain_override(text: str) -> tuple[str, str]:
+    """``NAME=DOMAIN`` for ``--domain``: a known benchmark and a non-empty domain."""
+    name, _, domain = text.partition("=")
+    if name not in SOURCES or not domain.strip() or domain != domain.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=DOMAIN, NAME one of {list(SOURCES)}; got {text!r}")
+    return name, domain
 
 
 if __name__ == "__main__":

@@ -43,8 +43,14 @@ class PretrainSpec:
     # picklable, module level); None: the demo's arithmetic and the skip/slip rates above.
     writer: Callable | None = None
     problem_maker: Callable | None = None
+    # The first ``curriculum_steps`` steps draw from ``curriculum_writer`` instead (e.g. the same writer
+    # with shorter traces: cheaper steps in which the reasoning tokens are a larger share of the loss).
+    curriculum_writer: Callable | None = None
+    curriculum_steps: int = 0
 
-    def response(self, problem, rng: random.Random) -> str:
+    def response(self, problem, rng: random.Random, step: int = 0) -> str:
+        if self.curriculum_writer is not None and step < self.curriculum_steps:
+            return self.curriculum_writer(problem, rng)
         if self.writer is not None:
             return self.writer(problem, rng)
         if self.skip_rate == 0.0 and self.slip_rate == 0.0:
@@ -71,7 +77,7 @@ def _step_pairs(spec: PretrainSpec, step: int) -> list[tuple[str, str]]:
     rng = random.Random(spec.seed * 1_000_003 + step)
     make = spec.problem_maker or make_problem
     problems = [make(rng) for _ in range(spec.batch_size)]
-    return [(p.prompt, spec.response(p, rng)) for p in problems]
+    return [(p.prompt, spec.response(p, rng, step)) for p in problems]
 
 
 def quiet_worker() -> None:

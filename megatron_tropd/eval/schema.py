@@ -17,7 +17,12 @@ One benchmark is one JSONL file, one JSON object per line. The family fixes the 
                     ``options`` are listed in letter order; ``answer`` is the correct letter.
 
 A directory of benchmarks holds the JSONL files plus ``benchmarks.json``, mapping each benchmark name to
-``{"family": ..., "file": ...}`` (written by ``tools/prepare_benchmarks.py``).
+``{"family": ..., "file": ...}`` (written by ``tools/prepare_benchmarks.py``), with optional keys:
+
+``"loose": true``   instruction following only: score the loose prompt-level accuracy.
+``"domain": str``   the domain the benchmark reports under (default: its family). Reports average the
+                    benchmarks of each domain; naming them as the teachers' domains (``math``, ``code``,
+                    ``science``) gives the domain of each teacher its own score.
 
 Any invalid line raises ``ValueError("<file>:<line>: field '<field>': <problem>")``.
 """
@@ -70,6 +75,13 @@ class Benchmark:
     loose: bool = False
     """Instruction following only: score IFEval's loose prompt-level accuracy (``benchmarks.json``
     entry ``"loose": true``), as the paper reports for IFBench."""
+    domain: str = ""
+    """What per-domain averages group it under (``benchmarks.json`` entry ``"domain"``); empty means its
+    family."""
+
+    def __post_init__(self):
+        if not self.domain:
+            object.__setattr__(self, "domain", self.family)
 
 
 class _LineError(Exception):
@@ -224,4 +236,15 @@ def _load_entry(directory: Path, name: str, entry: dict) -> Benchmark:
             f"{directory / 'benchmarks.json'}: benchmark {name!r}: 'loose' must be true or false, and "
             "only instruction-following benchmarks have a loose score"
         )
-    return replace(benchmark, loose=loose)
+    return replace(benchmark, loose=loose, domain=_entry_domain(directory, name, entry, benchmark.family))
+
+
+def _entry_domain(directory: Path, name: str, entry: dict, family: str) -> str:
+    """The entry's ``"domain"``, or the family where it has none."""
+    domain = entry.get("domain", family)
+    if not isinstance(domain, str) or not domain or domain != domain.strip():
+        raise ValueError(
+            f"{directory / 'benchmarks.json'}: benchmark {name!r}: 'domain' must be a non-empty string "
+            f"without surrounding spaces (leave it out to report under the family {family!r}), got {domain!r}"
+        )
+    return domain

@@ -3,7 +3,8 @@
 The generation side is a callable ``generate(prompts, k, temperature) -> list[list[str]]`` (k responses per
 prompt), so the rollout engine, an HF pipeline or a fake in tests plug in the same way. The headline
 metric is avg@k: per prompt the fraction of its k samples that are correct, averaged over prompts (the
-paper's number); pass@k uses the unbiased estimator of Chen et al. (2021).
+paper's number); pass@k uses the unbiased estimator of Chen et al. (2021). Each domain's score
+(``Benchmark.domain``) is the unweighted mean of its benchmarks' avg@k, as the overall average is of all.
 """
 
 from __future__ import annotations
@@ -90,6 +91,12 @@ class BenchmarkResult:
     avg_at_k: float
     pass_at_k: dict[int, float]
     samples: list[SampleResult] = field(default_factory=list)
+    domain: str = ""
+    """The benchmark's domain (``Benchmark.domain``); empty means its family."""
+
+    def __post_init__(self):
+        if not self.domain:
+            self.domain = self.family
 
 
 @dataclass
@@ -104,6 +111,23 @@ class EvalReport:
         """Unweighted mean of the benchmarks' avg@k (the paper's Avg column)."""
         return sum(b.avg_at_k for b in self.benchmarks) / len(self.benchmarks)
 
+    @property
+    def domain_averages(self) -> dict[str, float]:
+        """Per domain (in order of first appearance), the unweighted mean of its benchmarks' avg@k."""
+        by_domain: dict[str, list[float]] = {}
+        for b in self.benchmarks:
+            by_domain.setdefault(b.domain, []).append(b.avg_at_k)
+        return {domain: sum(scores) / len(scores) for domain, scores in by_domain.items()}
+
+    def scores(self) -> dict[str, float]:
+        """avg@k per benchmark, ``average``, and ``domain/<d>`` per domain when there are several (the
+        in-training evaluation's record)."""
+        scores = {b.name: b.avg_at_k for b in self.benchmarks} | {"average": self.average}
+        domains = self.domain_averages
+        if len(domains) > 1:
+            scores |= {f"domain/{d}": value for d, value in domains.items()}
+        return scores
+
     def summary(self) -> dict:
         """Metrics without per-sample records (what results.json holds)."""
         return {
@@ -111,9 +135,11 @@ class EvalReport:
             "k": self.k,
             "temperature": self.temperature,
             "average": self.average,
+            "domains": self.domain_averages,
             "benchmarks": {
                 b.name: {
                     "family": b.family,
+                    "domain": b.domain,
                     "num_prompts": b.num_prompts,
                     "avg_at_k": b.avg_at_k,
                     "pass_at_k": b.pass_at_k,
@@ -191,6 +217,7 @@ def evaluate_benchmark(
         avg_at_k(correct),
         {n: pass_at_k(correct, n) for n in pass_ks},
         samples,
+        benchmark.domain,
     )
     logger.info("%s: avg@%d %.4f over %d prompts", benchmark.name, k, result.avg_at_k, len(prompts))
     return result
@@ -224,15 +251,36 @@ def _benchmark_names(reports: Sequence[EvalReport]) -> list[str]:
     return names
 
 
+def _domain_names(reports: Sequence[EvalReport]) -> list[str]:
+    names: list[str] = []
+    for report in reports:
+        names += [d for d in report.domain_averages if d not in names]
+    return names
+
+
+def _percent_cells(scores: dict[str, float], columns: list[str]) -> str:
+    return " | ".join(f"{100 * scores[c]:.1f}" if c in scores else "-" for c in columns)
+
+
+def _domain_table(reports: Sequence[EvalReport]) -> list[str]:
+    """Rows = runs, columns = domains (the mean avg@k of each domain's benchmarks); none for one domain."""
+    domains = _domain_names(reports)
+    if len(domains) < 2:
+        return []
+    rows = [f"| {r.run} | {_percent_cells(r.domain_averages, domains)} |" for r in reports]
+    header = ["| Run | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+    return ["", "Per domain:", "", *header, *rows]
+
+
 def markdown_table(reports: Sequence[EvalReport]) -> str:
-    """Rows = runs, columns = benchmarks + Avg; avg@k in percent, '-' where a run lacks a benchmark."""
+    """Rows = runs, columns = benchmarks + Avg; avg@k in percent, '-' where a run lacks a benchmark.
+    With benchmarks of several domains, a second table gives each domain's mean."""
     names = _benchmark_names(reports)
     lines = ["| Run | " + " | ".join(names) + " | Avg |", "|---" * (len(names) + 2) + "|"]
     for report in reports:
-        scores = {b.name: b.avg_at_k for b in report.benchmarks}
-        cells = [f"{100 * scores[n]:.1f}" if n in scores else "-" for n in names]
-        lines.append(f"| {report.run} | " + " | ".join(cells) + f" | {100 * report.average:.1f} |")
-    return "\n".join(lines) + "\n"
+        cells = _percent_cells({b.name: b.avg_at_k for b in report.benchmarks}, names)
+        lines.append(f"| {report.run} | {cells} | {100 * report.average:.1f} |")
+    return "\n".join(lines + _domain_table(reports)) + "\n"
 
 
 def plot_comparison(reports: Sequence[EvalReport], path: Path) -> None:
@@ -292,6 +340,7 @@ def report_from_summary(summary: dict) -> EvalReport:
             entry["num_prompts"],
             entry["avg_at_k"],
             {int(n): value for n, value in entry["pass_at_k"].items()},
+            domain=entry.get("domain", ""),  # older files have none: the family
         )
         for name, entry in summary["benchmarks"].items()
     ]

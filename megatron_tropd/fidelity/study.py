@@ -62,15 +62,16 @@ class StudySize:
     samples_per_prompt: int
     response_tokens: int
     probe_prompts: int
+    curriculum_share: float  # the share of SFT steps on short reflections
 
 
 FULL = StudySize(
-    teacher_steps=500, student_steps=300, sft_batch=32, distill_steps=16, eval_interval=8, heldout=64, k=2,
-    prompts_per_step=8, samples_per_prompt=4, response_tokens=72, probe_prompts=32,
+    teacher_steps=700, student_steps=500, sft_batch=32, distill_steps=16, eval_interval=16, heldout=64, k=2,
+    prompts_per_step=8, samples_per_prompt=4, response_tokens=256, probe_prompts=32, curriculum_share=0.7,
 )  # fmt: skip
 QUICK = StudySize(
     teacher_steps=3, student_steps=3, sft_batch=4, distill_steps=1, eval_interval=1, heldout=2, k=1,
-    prompts_per_step=2, samples_per_prompt=1, response_tokens=24, probe_prompts=2,
+    prompts_per_step=2, samples_per_prompt=1, response_tokens=24, probe_prompts=2, curriculum_share=0.5,
 )  # fmt: skip
 
 
@@ -123,15 +124,22 @@ def eval_settings(files: DemoFiles, size: StudySize, seed: int) -> HeldOutEvalua
 
 
 def pretrain_specs(size: StudySize, seed: int) -> list[PretrainSpec]:
-    """The teacher learns its writer (every step, Zipf words); the student the writer with habits."""
+    """The teacher learns its writer (every step, Zipf words); the student the writer with habits. Both
+    start on short reflections (``curriculum_share`` of their steps), where the chain is half the loss."""
     teacher, student = model_configs(size)
     common = dict(batch_size=size.sft_batch, lr=3e-3, problem_maker=task.make_problem)
-    return [
-        PretrainSpec("teacher", teacher, size.teacher_steps, seed=seed, writer=task.TEACHER_WRITER, **common),
-        PretrainSpec(
-            "student", student, size.student_steps, seed=seed + 1, writer=task.STUDENT_WRITER, **common
-        ),
-    ]
+    specs = []
+    for name, model, steps, offset, writer in (
+        ("teacher", teacher, size.teacher_steps, 0, task.TEACHER_WRITER),
+        ("student", student, size.student_steps, 1, task.STUDENT_WRITER),
+    ):
+        curriculum = dict(
+            curriculum_writer=writer.short(), curriculum_steps=int(size.curriculum_share * steps)
+        )
+        specs.append(
+            PretrainSpec(name, model, steps, seed=seed + offset, writer=writer, **common, **curriculum)
+        )
+    return specs
 
 
 def distill_config(method: str, files: DemoFiles, size: StudySize, seed: int) -> RunConfig:
@@ -156,6 +164,7 @@ def distill_config(method: str, files: DemoFiles, size: StudySize, seed: int) ->
         eval=EvalConfig(
             interval=size.eval_interval, benchmarks=str(files.heldout), samples_per_prompt=size.k,
             temperature=EVAL_TEMPERATURE, max_new_tokens=size.response_tokens, raw_prompts=True,
+            at_start=False,  # every method starts from the same student, scored once after its SFT
         ),
         logging=LoggingConfig(tensorboard=False),
         train_steps=size.distill_steps, seed=seed,
@@ -207,16 +216,19 @@ def _run_seed(seed: int, root: Path, size: StudySize, methods: list[str]) -> dic
         "models": models,
         "teacher_trace_tokens": teacher_writer_length(files.tokenizer, seed),
         "probes": probes,
-        "runs": {m: run_summary(files.run_dir(m)) for m in methods},
+        "runs": {m: run_summary(files.run_dir(m), models[1]["accuracy"]) for m in methods},
         "timings_s": timings,
     }
 
 
-def run_summary(run_dir: Path) -> dict:
-    """Accuracy before/after and the loop's logged training signals of one run (``metrics.jsonl``)."""
+def run_summary(run_dir: Path, accuracy_before: float) -> dict:
+    """Accuracy before (the initial student's, measured once after its SFT with the runs' protocol) and
+    after, and the loop's logged training signals of one run (``metrics.jsonl``)."""
     from megatron_tropd.demo.report import method_summary, read_metrics
 
     summary = method_summary(run_dir)
+    summary["accuracy_before"] = accuracy_before
+    summary["accuracy_curve"] = [(0, accuracy_before), *summary["accuracy_curve"]]
     steps, _ = read_metrics(run_dir / "metrics.jsonl")
     summary["mean_teacher_topk_mass"] = _mean([s.get("teacher_topk_mass") for s in steps])
     summary["mean_prefix_share"] = _mean([s.get("prefix_share") for s in steps])

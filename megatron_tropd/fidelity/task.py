@@ -1,16 +1,24 @@
-"""The fidelity task: multi-step arithmetic whose worked chain is interleaved with spans of "thinking"
+"""The fidelity task: multi-step arithmetic whose worked chain is followed by a long span of "thinking"
 words, over a word-level vocabulary of 4,096 tokens.
 
 A problem is a start value and ``STEPS`` operations, each labelled in the prompt::
 
     prompt:   "Q: 7 S1 +5 S2 -4 S3 +3 A:"
-    teacher:  "<words> S1 7 +5 = 12 <words> S2 12 -4 = 8 <words> S3 8 +3 = 11 <words> Final answer: 11"
+    teacher:  "S1 7 +5 = 12 S2 12 -4 = 8 S3 8 +3 = 11 <170-210 words> Final answer: 11"
 
 The thinking words (``w0`` .. ``w4050``) carry no information; the teacher's writer draws them from a
 Zipf law over all of them, so the teacher is heavy-tailed: its top 64 words hold about half of the mass at
-a thinking position (``zipf_topk_mass``). Each span is 4-10 words, so a trace is about 48 tokens: with
-spans of 16-28 words (110-token traces) a 4-layer teacher trained for 400 steps on 2 CPU cores learnt the
-format but not the chain (5% held-out accuracy), so the traces are scaled down to what the CPU can teach.
+a thinking position (``zipf_topk_mass``). After the chain the writer reflects at length (170-210 thinking
+words) before the final answer, so a trace is about 209 tokens, most of them from the heavy tail, and the
+answer must be carried across the reflection. The chain itself is compact, as in the demo: each line's
+operation sits at a fixed offset in the prompt and its previous value a few tokens back.
+
+Long reflections drown the chain in the SFT loss (a tenth of the tokens): a 4-layer teacher trained 400
+steps on them reached 3% held-out accuracy (an earlier layout, spans of 4-10 words between the lines and
+47-token traces, reached 22% in 500 steps). So both models
+start their SFT on short reflections (``Writer.short``, 2-12 words, where the chain is half of the loss)
+and end it on the long ones; the writer they imitate at the end, and the one the traces are measured on,
+is the long one.
 
 The student's writer has three habits that the teacher's writer never shows, so its tokens are outliers
 to the teacher (pi_T << pi_S):
@@ -25,7 +33,7 @@ from __future__ import annotations
 
 import operator
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from megatron_tropd.demo import task as demo_task
@@ -36,7 +44,8 @@ OPERANDS = range(1, 7)
 TOKENS = 4096  # the vocabulary, with the tokenizer's 2 specials
 FAVOURITE = "hmm"  # the student's favourite word; the teacher's writer never uses it
 ZIPF_EXPONENT = 1.0
-SPAN = (4, 10)  # thinking words before each step line and before the final answer
+REFLECTION = (170, 210)  # thinking words between the chain and the final answer: the long part
+SHORT_REFLECTION = (2, 12)  # the first SFT steps' reflections (``Writer.short``), see the module doc
 OPERATIONS = {"+": operator.add, "-": operator.sub}
 FINAL = "Final answer:"
 
@@ -87,8 +96,8 @@ def zipf_topk_mass(k: int) -> float:
     return _zipf_cumulative()[k - 1]
 
 
-def _words(rng: random.Random, favourite_rate: float) -> list[str]:
-    count = rng.randint(*SPAN)
+def _words(rng: random.Random, favourite_rate: float, span: tuple[int, int]) -> list[str]:
+    count = rng.randint(*span)
     ranks = rng.choices(range(WORDS), cum_weights=_zipf_cumulative(), k=count)
     return [FAVOURITE if rng.random() < favourite_rate else f"w{rank}" for rank in ranks]
 
@@ -116,12 +125,17 @@ class Writer:
     step_skip_rate: float = 0.0  # one step line is left out (the value is still updated)
     slip_rate: float = 0.0  # a step's result is off by one or two
     favourite_rate: float = 0.0  # share of thinking words replaced by FAVOURITE
+    reflection: tuple[int, int] = REFLECTION  # thinking words between the chain and the final answer
+
+    def short(self) -> Writer:
+        """The same writer with short reflections: the first steps of its SFT (the curriculum)."""
+        return replace(self, reflection=SHORT_REFLECTION)
 
     def __call__(self, problem: Problem, rng: random.Random) -> str:
         parts = []
         if rng.random() < self.chain_skip_rate:
             guess = min(MAX_VALUE, max(0, problem.answer + rng.choice((-3, -2, -1, 0, 0, 1, 2, 3))))
-            parts += _words(rng, self.favourite_rate)
+            parts += _words(rng, self.favourite_rate, self.reflection)
             return " " + " ".join(parts + [FINAL, str(guess)])
         value = shown = problem.start
         pending: list[str] = []  # operations of skipped lines, written with the next line
@@ -133,10 +147,9 @@ class Writer:
             last = index == len(problem.steps) - 1
             if not last and rng.random() < self.step_skip_rate:
                 continue  # the next line holds this operation and its own: two in one line
-            parts += _words(rng, self.favourite_rate)
             parts += [f"S{index + 1}", str(shown), *pending, "=", str(value)]
             shown, pending = value, []
-        parts += _words(rng, self.favourite_rate)
+        parts += _words(rng, self.favourite_rate, self.reflection)
         return " " + " ".join(parts + [FINAL, str(value)])
 
 

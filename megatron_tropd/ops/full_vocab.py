@@ -4,11 +4,17 @@ Moving a teacher's logits between layouts costs ``tokens x vocab``; its final hi
 final norm) cost ``tokens x hidden``. So each student TP rank receives the teacher's hidden states
 ``h_T [T, H_t]`` for its tokens and, once per job, the rows of the teacher's output-layer weight for its
 own vocabulary partition, ``W_T [V_local, H_t]`` (``teacher_output_weight_shard``). The teacher's logits
-on that partition are ``h_T @ W_T^T``. They are formed one token chunk at a time and dropped after use:
-the forward pass computes each chunk once, the backward pass computes it again, and only per-token
-statistics ``[T]`` are kept in between. The student's logits ``[T, V_local]`` are sharded as in
-``vocab_parallel.py`` (rank ``r`` holds global ids ``[r * V_local, (r + 1) * V_local)``); columns at or
-beyond ``vocab_size`` are padding in both models and are excluded everywhere.
+on that partition are ``h_T @ W_T^T``. They are formed one token chunk at a time and dropped after use,
+in one pass over the vocabulary per step: the loss of a token depends only on its own logits row, so
+when the logits need a gradient the forward writes ``dL_t / dz_t`` of each chunk, while it holds the
+chunk's teacher log-probs, into one buffer shaped like the logits (the gradient the backward returns),
+and the backward only scales its rows by the upstream gradient. Without a gradient (``torch.no_grad``,
+metrics) no buffer is made; with ``inplace_backward=True`` none either, and the backward recomputes the
+teacher's chunks (a second matmul pass) to write the gradient into the logits' own storage. Beyond that
+buffer only per-token statistics ``[T]`` are kept between the passes. The student's logits
+``[T, V_local]`` are sharded as in ``vocab_parallel.py`` (rank ``r`` holds global ids
+``[r * V_local, (r + 1) * V_local)``); columns at or beyond ``vocab_size`` are padding in both models and
+are excluded everywhere.
 
 Divergences (``FULL_DIVERGENCES``), per token, over the true vocabulary:
 
@@ -29,14 +35,17 @@ Gradients w.r.t. the student logits ``z`` (the teacher is frozen and gets none),
   ``dJSD / dp_S = (1 - beta) log(p_S / M)`` pushed through the softmax Jacobian.
 
 Collectives: forward only. Per token chunk one all-gather of the per-rank ``(max, sum-exp)`` of both
-softmaxes ``[C, R, 2, 2]``; after the last chunk one all-reduce of the per-rank divergence sums ``[T, 2]``.
-The backward needs none: its upstream gradient is replicated on the TP ranks and each rank writes the
-gradient of its own columns from the saved per-token log-sum-exps and divergence parts.
+softmaxes ``[C, R, 2, 2]``. The per-rank divergence sums are all-reduced once after the last chunk
+(``[T, 2]``) for ``forward_kl``; ``reverse_kl`` and ``jsd`` subtract their TP-summed divergence part in the
+gradient, so they all-reduce each chunk's sums ``[C, 2]`` before writing its gradient (whether or not a
+gradient is written, so the value never depends on the grad mode). The backward needs none: its
+upstream gradient is replicated on the TP ranks and each rank scales the gradient of its own columns.
 
 Precision: the whole computation, the teacher's matmul included, runs in fp32 for fp32, bf16 and fp16
-inputs (fp64 when an input is fp64). A teacher weight in another dtype is converted on every forward and
-backward pass, a transient ``V_local x H_t`` copy: keep the fp32 weight ``teacher_output_weight_shard``
-returns by default.
+inputs (fp64 when an input is fp64). The gradient buffer has the logits' dtype: ``dL_t / dz_t`` is
+rounded to it before the scaling by the upstream gradient (for bf16 or fp16 logits two roundings instead
+of one). A teacher weight in another dtype is converted on every pass over it, a transient
+``V_local x H_t`` copy: keep the fp32 weight ``teacher_output_weight_shard`` returns by default.
 """
 
 from __future__ import annotations
@@ -98,8 +107,9 @@ def _log_mixture(lp_teacher: torch.Tensor, lp_student: torch.Tensor, beta: float
 
 # Chunk kernels. ``terms``: this rank's part of the per-token sums ``[C, 2]`` (forward and reverse KL use
 # column 0; the JSD puts KL(p_T || M) in column 0 and KL(p_S || M) in column 1). ``grad``: the gradient
-# of one chunk ``[C, V_valid]`` given the upstream gradient and ``aux`` (the per-token sum the formula
-# subtracts). ``lp_teacher`` is the chunk's teacher log-probs, ``z_student`` the student logits.
+# ``dL_t / dz_t`` of one chunk ``[C, V_valid]`` before the upstream gradient, given ``aux`` (the TP-summed
+# per-token sum the formula subtracts). ``lp_teacher`` is the chunk's teacher log-probs, ``z_student``
+# the student logits.
 
 
 @_fused
@@ -110,9 +120,9 @@ def _forward_kl_terms(lp_teacher, z_student, lse_student, beta):
 
 
 @_fused
-def _forward_kl_grad(lp_teacher, z_student, lse_student, aux, grad_value, beta):
+def _forward_kl_grad(lp_teacher, z_student, lse_student, aux, beta):
     p_student = _log_probs(z_student, lse_student).exp_()
-    return p_student.sub_(lp_teacher.exp()).mul_(grad_value.unsqueeze(-1))
+    return p_student.sub_(lp_teacher.exp())
 
 
 @_fused
@@ -124,9 +134,9 @@ def _reverse_kl_terms(lp_teacher, z_student, lse_student, beta):
 
 
 @_fused
-def _reverse_kl_grad(lp_teacher, z_student, lse_student, aux, grad_value, beta):
+def _reverse_kl_grad(lp_teacher, z_student, lse_student, aux, beta):
     lp_student = _log_probs(z_student, lse_student)
-    coefficient = torch.sub(lp_student, lp_teacher).sub_(aux.unsqueeze(-1)).mul_(grad_value.unsqueeze(-1))
+    coefficient = torch.sub(lp_student, lp_teacher).sub_(aux.unsqueeze(-1))
     return lp_student.exp_().mul_(coefficient)
 
 
@@ -140,11 +150,10 @@ def _jsd_terms(lp_teacher, z_student, lse_student, beta):
 
 
 @_fused
-def _jsd_grad(lp_teacher, z_student, lse_student, aux, grad_value, beta):
+def _jsd_grad(lp_teacher, z_student, lse_student, aux, beta):
     lp_student = _log_probs(z_student, lse_student)
     coefficient = torch.sub(lp_student, _log_mixture(lp_teacher, lp_student, beta)).sub_(aux.unsqueeze(-1))
-    coefficient.mul_((grad_value * (1.0 - beta)).unsqueeze(-1))
-    return lp_student.exp_().mul_(coefficient)
+    return lp_student.exp_().mul_(coefficient.mul_(1.0 - beta))
 
 
 _KERNELS = {
@@ -152,14 +161,22 @@ _KERNELS = {
     "reverse_kl": (_reverse_kl_terms, _reverse_kl_grad),
     "jsd": (_jsd_terms, _jsd_grad),
 }
+# Kinds whose gradient reads ``aux``, a sum over the whole vocabulary: their chunk sums are all-reduced
+# chunk by chunk so that the forward can write a chunk's gradient while it still holds its teacher
+# log-probs. ``forward_kl``'s gradient does not read it; its sums are all-reduced once after the loop.
+_TP_SUMS_PER_CHUNK = frozenset({"reverse_kl", "jsd"})
 
 
-def _value_and_aux(terms: torch.Tensor, kind: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The divergence ``[T]`` from the TP-summed ``terms [T, 2]``, and the sum its gradient subtracts."""
+def _aux(terms: torch.Tensor, kind: str) -> torch.Tensor:
+    """The per-token sum ``[T]`` the gradient subtracts, from TP-summed ``terms [T, 2]``."""
+    return terms[:, 1].contiguous() if kind == "jsd" else terms[:, 0].clone()
+
+
+def _value(terms: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+    """The divergence ``[T]`` from the TP-summed ``terms [T, 2]``."""
     if kind == "jsd":
-        return beta * terms[:, 0] + (1.0 - beta) * terms[:, 1], terms[:, 1].contiguous()
-    value = terms[:, 0].contiguous()
-    return value, value.clone()
+        return beta * terms[:, 0] + (1.0 - beta) * terms[:, 1]
+    return terms[:, 0].contiguous()
 
 
 def _row_chunks(num_tokens: int, selected, local_size: int, chunk_tokens, device):
@@ -199,7 +216,101 @@ def _global_lse_pair(z_student, z_teacher, tp_group, dtype):
     return _combine_stats(gathered[:, :, 0], False).lse, _combine_stats(gathered[:, :, 1], False).lse
 
 
-def _zero_unselected_rows(grad_logits: torch.Tensor, selected) -> None:
+@dataclass(frozen=True)
+class _Problem:
+    """What one call's chunk passes read: the flat inputs and the call's configuration."""
+
+    logits: torch.Tensor  # [T, V_local]
+    hidden: torch.Tensor  # [T, H_t]
+    weight_valid: torch.Tensor  # [V_valid, H_t] in the compute dtype
+    selected: torch.Tensor | None  # unmasked token rows, or None for all
+    shard: VocabShard
+    tp_group: object
+    kind: str
+    beta: float
+    chunk_tokens: int | None
+    dtype: torch.dtype  # compute dtype
+
+    def row_chunks(self):
+        rows, device = self.logits.shape[0], self.logits.device
+        return _row_chunks(rows, self.selected, self.shard.local_size, self.chunk_tokens, device)
+
+
+def _problem(logits, hidden, weight, selected, shard, tp_group, kind, beta, chunk_tokens, dtype) -> _Problem:
+    """The ``_Problem`` of a call; the weight's real rows in the compute dtype (no copy when already)."""
+    weight_valid = weight[: shard.valid_size].to(dtype)
+    return _Problem(logits, hidden, weight_valid, selected, shard, tp_group, kind, beta, chunk_tokens, dtype)
+
+
+def _compute_dtype(logits, hidden, weight) -> torch.dtype:
+    dtype = torch.promote_types(torch.promote_types(logits.dtype, hidden.dtype), weight.dtype)
+    return torch.promote_types(dtype, torch.float32)
+
+
+@dataclass
+class _ForwardStats:
+    """Per-token results of the forward pass, compute dtype."""
+
+    lse_student: torch.Tensor  # [T]
+    lse_teacher: torch.Tensor  # [T]
+    terms: torch.Tensor  # [T, 2], TP-summed once the pass ends
+
+
+def _chunk_terms(problem: _Problem, lp_teacher, z_student, lse_student) -> torch.Tensor:
+    """This rank's divergence sums of one chunk ``[C, 2]``, TP-summed already for ``_TP_SUMS_PER_CHUNK``."""
+    if problem.shard.valid_size:
+        part = _KERNELS[problem.kind][0](lp_teacher, z_student, lse_student, problem.beta)
+    else:
+        part = lse_student.new_zeros(lse_student.shape[0], 2)
+    if problem.kind in _TP_SUMS_PER_CHUNK:
+        part = _all_reduce_sum(part, problem.tp_group)  # every rank joins, real columns or not
+    return part
+
+
+def _forward_pass(problem: _Problem, grad_logits: torch.Tensor | None) -> _ForwardStats:
+    """The forward's one pass over the teacher's vocabulary, chunk by chunk: both log-sum-exps and the
+    TP-summed divergence sums; with ``grad_logits`` also each chunk's ``dL_t / dz_t`` written into it."""
+    logits, valid, dtype = problem.logits, problem.shard.valid_size, problem.dtype
+    lse = torch.zeros(logits.shape[0], dtype=dtype, device=logits.device)
+    stats = _ForwardStats(lse, torch.zeros_like(lse), lse.new_zeros(logits.shape[0], 2))
+    grad_kernel = _KERNELS[problem.kind][1]
+    for rows in problem.row_chunks():
+        z_student = logits[rows, :valid].to(dtype)
+        z_teacher = _teacher_logits(problem.hidden[rows], problem.weight_valid)
+        lse_s, lse_t = _global_lse_pair(z_student, z_teacher, problem.tp_group, dtype)
+        lp_teacher = z_teacher.sub_(lse_t.unsqueeze(-1)).clamp_min_(_LOG_ZERO)  # in place: one buffer
+        part = _chunk_terms(problem, lp_teacher, z_student, lse_s)
+        stats.terms[rows], stats.lse_student[rows], stats.lse_teacher[rows] = part, lse_s, lse_t
+        if grad_logits is not None and valid:
+            aux = _aux(part, problem.kind)  # forward_kl's kernel does not read it (not yet TP-summed)
+            grad_logits[rows, :valid] = grad_kernel(lp_teacher, z_student, lse_s, aux, problem.beta)
+        del z_student, z_teacher, lp_teacher  # freed before the next chunk's matmul allocates
+    if problem.kind not in _TP_SUMS_PER_CHUNK:
+        stats.terms = _all_reduce_sum(stats.terms, problem.tp_group)
+    return stats
+
+
+def _recomputed_gradient(problem: _Problem, lse_student, lse_teacher, aux, inplace: bool) -> torch.Tensor:
+    """The backward's second pass over the teacher's vocabulary when the forward wrote no gradient: each
+    selected row's ``dL_t / dz_t``, with ``inplace`` over the logits' own rows (each chunk reads its rows
+    before writing them)."""
+    logits, valid, dtype = problem.logits, problem.shard.valid_size, problem.dtype
+    grad_logits = logits if inplace else torch.empty_like(logits)
+    grad_kernel = _KERNELS[problem.kind][1]
+    for rows in problem.row_chunks() if valid else ():
+        z_student = logits[rows, :valid].to(dtype)
+        lp_teacher = _teacher_log_probs(problem.hidden[rows], problem.weight_valid, lse_teacher[rows])
+        grad = grad_kernel(lp_teacher, z_student, lse_student[rows], aux[rows], problem.beta)
+        grad_logits[rows, :valid] = grad
+        del z_student, lp_teacher, grad  # freed before the next chunk's matmul allocates
+    return grad_logits
+
+
+def _scale_by_upstream(grad_logits: torch.Tensor, grad_value: torch.Tensor, selected, valid: int) -> None:
+    """``dL_t / dz_t`` rows times the upstream gradient ``[T]``, in place; padded columns and unselected
+    rows (never written: they may hold anything) set to 0 afterwards."""
+    grad_logits.mul_(grad_value.unsqueeze(-1))
+    grad_logits[:, valid:] = 0
     if selected is not None:
         unselected = torch.ones(grad_logits.shape[0], dtype=torch.bool, device=grad_logits.device)
         unselected[selected] = False
@@ -212,12 +323,15 @@ class _FullVocabDivergence(torch.autograd.Function):
 
     Shapes: ``logits [T, V_local]`` (sharded on the last dim over ``tp_group``, differentiable),
     ``hidden [T, H_t]`` (replicated), ``weight [V_local, H_t]`` (this rank's partition), ``selected [n]``
-    the unmasked token rows or None. Outputs ``value``, ``teacher_lse``, ``student_lse`` ``[T]``, replicated.
-    Forward: per chunk, the teacher logits from one matmul, both softmaxes' statistics (one all-gather),
-    the chunk's divergence parts; then one all-reduce of the parts ``[T, 2]``. Saved: the inputs (no
-    copies) and three ``[T]`` statistics, never a teacher-logits chunk. Backward: no collective; per chunk
-    the teacher logits are recomputed and the gradient of the local columns written (into the logits'
-    storage with ``inplace_backward``); padded columns and masked rows get 0.
+    the unmasked token rows or None. Outputs ``value``, ``teacher_lse``, ``student_lse`` ``[T]``, replicated;
+    only ``value`` is differentiable.
+    Forward: one pass of chunks (``_forward_pass``). With ``write_gradient`` it fills a buffer shaped like
+    the logits with ``dL_t / dz_t`` and saves only that buffer (the gradient the backward returns) and
+    ``selected``; the backward scales it in place by the upstream gradient and returns it, with no
+    teacher matmul and no collective. Otherwise (``inplace_backward`` or no gradient) it saves the inputs
+    (no copies) and three ``[T]`` statistics, and the backward recomputes the teacher's chunks into the
+    logits' storage (or, were it ever reached without ``inplace_backward``, into a fresh buffer). Never
+    a teacher-logits chunk is saved; padded columns and masked rows get 0.
     """
 
     @staticmethod
@@ -233,52 +347,35 @@ class _FullVocabDivergence(torch.autograd.Function):
         beta,
         chunk_tokens,
         inplace_backward,
+        write_gradient,
     ):
         shard = vocab_shard(logits.shape[-1], tp_group, vocab_size)
-        dtype = torch.promote_types(torch.promote_types(logits.dtype, hidden.dtype), weight.dtype)
-        dtype = torch.promote_types(dtype, torch.float32)
-        num_tokens, valid = logits.shape[0], shard.valid_size
-        weight_valid = weight[:valid].to(dtype)  # no copy for a weight already in the compute dtype
-        lse_student = torch.zeros(num_tokens, dtype=dtype, device=logits.device)
-        lse_teacher = torch.zeros_like(lse_student)
-        terms = torch.zeros(num_tokens, 2, dtype=dtype, device=logits.device)
-        terms_kernel = _KERNELS[kind][0]
-        for rows in _row_chunks(num_tokens, selected, shard.local_size, chunk_tokens, logits.device):
-            z_student = logits[rows, :valid].to(dtype)
-            z_teacher = _teacher_logits(hidden[rows], weight_valid)
-            lse_s, lse_t = _global_lse_pair(z_student, z_teacher, tp_group, dtype)
-            lp_teacher = z_teacher.sub_(lse_t.unsqueeze(-1)).clamp_min_(_LOG_ZERO)  # in place: one buffer
-            if valid:
-                terms[rows] = terms_kernel(lp_teacher, z_student, lse_s, beta)
-            lse_student[rows], lse_teacher[rows] = lse_s, lse_t
-            del z_student, z_teacher, lp_teacher  # freed before the next chunk's matmul allocates
-        value, aux = _value_and_aux(_all_reduce_sum(terms, tp_group), kind, beta)
-        ctx.save_for_backward(logits, hidden, weight, selected, lse_student, lse_teacher, aux)
-        ctx.config = (shard, kind, beta, chunk_tokens, inplace_backward, dtype)
-        ctx.mark_non_differentiable(lse_teacher, lse_student)
-        return value, lse_teacher, lse_student
+        dtype = _compute_dtype(logits, hidden, weight)
+        problem = _problem(logits, hidden, weight, selected, shard, tp_group, kind, beta, chunk_tokens, dtype)
+        grad_logits = torch.empty_like(logits) if write_gradient else None
+        stats = _forward_pass(problem, grad_logits)
+        if write_gradient:
+            ctx.save_for_backward(grad_logits, selected)
+        else:
+            aux = _aux(stats.terms, kind)
+            ctx.save_for_backward(logits, hidden, weight, selected, stats.lse_student, stats.lse_teacher, aux)
+        ctx.config = (shard, tp_group, kind, beta, chunk_tokens, dtype, inplace_backward, write_gradient)
+        ctx.mark_non_differentiable(stats.lse_teacher, stats.lse_student)
+        return _value(stats.terms, kind, beta), stats.lse_teacher, stats.lse_student
 
     @staticmethod
     def backward(ctx, grad_value, grad_teacher_lse, grad_student_lse):
-        logits, hidden, weight, selected, lse_student, lse_teacher, aux = ctx.saved_tensors
-        shard, kind, beta, chunk_tokens, inplace_backward, dtype = ctx.config
-        valid = shard.valid_size
-        grad_logits = logits if inplace_backward else torch.empty_like(logits)
-        grad_logits[:, valid:] = 0  # padded columns take no gradient
-        _zero_unselected_rows(grad_logits, selected)
-        nones = (None,) * 9
-        if valid == 0:
-            return grad_logits, *nones
-        weight_valid = weight[:valid].to(dtype)
-        grad_value = grad_value.to(dtype)
-        grad_kernel = _KERNELS[kind][1]
-        for rows in _row_chunks(logits.shape[0], selected, shard.local_size, chunk_tokens, logits.device):
-            z_student = logits[rows, :valid].to(dtype)
-            lp_teacher = _teacher_log_probs(hidden[rows], weight_valid, lse_teacher[rows])
-            grad = grad_kernel(lp_teacher, z_student, lse_student[rows], aux[rows], grad_value[rows], beta)
-            grad_logits[rows, :valid] = grad
-            del z_student, lp_teacher, grad  # freed before the next chunk's matmul allocates
-        return grad_logits, *nones
+        # Both log-sum-exps are non-differentiable outputs: their incoming gradients are zeros or None.
+        shard, tp_group, kind, beta, chunk_tokens, dtype, inplace_backward, write_gradient = ctx.config
+        if write_gradient:
+            grad_logits, selected = ctx.saved_tensors
+        else:
+            logits, hidden, weight, selected, lse_student, lse_teacher, aux = ctx.saved_tensors
+            config = (selected, shard, tp_group, kind, beta, chunk_tokens, dtype)
+            problem = _problem(logits, hidden, weight, *config)
+            grad_logits = _recomputed_gradient(problem, lse_student, lse_teacher, aux, inplace_backward)
+        _scale_by_upstream(grad_logits, grad_value, selected, shard.valid_size)
+        return grad_logits, *(None,) * 10
 
 
 def _check_full_inputs(logits, teacher_hidden, teacher_weight, token_mask, chunk_tokens) -> None:
@@ -322,17 +419,22 @@ def vocab_parallel_full_divergence_with_stats(
     (``teacher_output_weight_shard``). ``kind`` and ``beta``: see the module docstring. ``token_mask``
     ``[...]`` (bool, identical on every TP rank): tokens to compute; the others get value 0 and gradient
     0 and cost nothing. ``chunk_tokens``: rows per chunk (default: one fp32 chunk of ``CHUNK_BYTES``).
-    ``inplace_backward=True`` overwrites ``logits`` with its gradient during backward (as in
-    ``vocab_parallel_token_stats``). The teacher's hidden states and weight get no gradient.
+    With a gradient, the forward keeps one buffer shaped like ``logits`` (its gradient) and the backward
+    runs no teacher matmul; ``inplace_backward=True`` instead overwrites ``logits`` with its gradient
+    during backward (as in ``vocab_parallel_token_stats``), which costs a second pass of the teacher's
+    matmul there. The teacher's hidden states and weight get no gradient.
     """
     _check_divergence(kind, beta)
     _check_full_inputs(logits, teacher_hidden, teacher_weight, token_mask, chunk_tokens)
     flat = _flatten(logits)
     hidden = teacher_hidden.reshape(flat.shape[0], teacher_hidden.shape[-1]).detach()
     selected = None if token_mask is None else token_mask.reshape(-1).nonzero().squeeze(-1)
+    # Decided here: inside the Function's forward grad mode is always off, and ``needs_input_grad`` is
+    # set under ``torch.no_grad()`` too, where no backward will ever run.
+    write_gradient = torch.is_grad_enabled() and logits.requires_grad and not inplace_backward
     value, teacher_lse, student_lse = _FullVocabDivergence.apply(
         flat, hidden, teacher_weight.detach(), selected, tp_group, vocab_size, kind, beta, chunk_tokens,
-        inplace_backward,
+        inplace_backward, write_gradient,
     )  # fmt: skip
     lead = logits.shape[:-1]
     return FullDivergence(value.reshape(lead), teacher_lse.reshape(lead), student_lse.reshape(lead))
