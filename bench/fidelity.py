@@ -1,12 +1,12 @@
 """Every method of the paper's Table 5 on a miniature of its regime, several seeds, the same budget.
 
 The task and models (``megatron_tropd/fidelity``): a 4,096-token vocabulary with the teacher's top-k
-k = 64, a heavy-tailed teacher (Zipf-distributed "thinking" words between the steps of an arithmetic
-chain), traces of about 48 tokens (the paper's are thousands; scaled down so that 2 CPU cores can train
-the teacher), and a smaller student SFT'd on a writer whose habits (a favourite word, skipped steps,
-slips) the teacher finds very unlikely. Per seed the teacher and the student are trained,
-the regime's figures are measured, each method distils the same student with the same prompts and budget,
-and every final student is probed. Writes ``fidelity.json``, ``fidelity.md`` and ``fidelity.png``.
+k = 64, a heavy-tailed teacher (an arithmetic chain followed by a reflection of 170-210 Zipf-distributed
+"thinking" words: traces of about 209 tokens), and a smaller student SFT'd on a writer whose habits (a
+favourite word, skipped steps, slips, guesses) the teacher finds very unlikely. Per seed the teacher and
+the student are trained, the regime's figures are measured, each method distils the same student with
+the same prompts and budget, and every final student is probed. Writes ``fidelity.json``,
+``fidelity.md`` and ``fidelity.png``.
 
     python bench/fidelity.py                     # 3 seeds x 8 methods on 2 CPU processes
     python bench/fidelity.py --quick --out /tmp/fidelity_quick   # toy sizes (the test)
