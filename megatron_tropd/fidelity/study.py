@@ -196,7 +196,8 @@ def _run_seed(seed: int, root: Path, size: StudySize, methods: list[str]) -> dic
         pretrain, WORLD_SIZE, specs, str(files.tokenizer), [str(files.teacher), str(files.student)], settings
     )[0]
     timings = {"pretrain": time.perf_counter() - started}
-    logger.info("seed %d: teacher %.3f, student %.3f", seed, *(m["accuracy"] for m in models))
+    accuracy = {m["name"]: m["accuracy"] for m in models}
+    logger.info("seed %d: teacher %.3f, student %.3f", seed, accuracy["teacher"], accuracy["student"])
     for method in methods:
         method_started = time.perf_counter()
         run_on_ranks(distill_worker, WORLD_SIZE, distill_config(method, files, size, seed))
@@ -216,7 +217,8 @@ def _run_seed(seed: int, root: Path, size: StudySize, methods: list[str]) -> dic
         "models": models,
         "teacher_trace_tokens": teacher_writer_length(files.tokenizer, seed),
         "probes": probes,
-        "runs": {m: run_summary(files.run_dir(m), models[1]["accuracy"]) for m in methods},
+        # every run starts from the student's SFT score (its loop skips the step-0 evaluation)
+        "runs": {m: run_summary(files.run_dir(m), accuracy["student"]) for m in methods},
         "timings_s": timings,
     }
 

@@ -15,10 +15,9 @@ operation sits at a fixed offset in the prompt and its previous value a few toke
 
 Long reflections drown the chain in the SFT loss (a tenth of the tokens): a 4-layer teacher trained 400
 steps on them reached 3% held-out accuracy (an earlier layout, spans of 4-10 words between the lines and
-47-token traces, reached 22% in 500 steps). So both models
-start their SFT on short reflections (``Writer.short``, 2-12 words, where the chain is half of the loss)
-and end it on the long ones; the writer they imitate at the end, and the one the traces are measured on,
-is the long one.
+47-token traces, reached 22% in 500 steps). So both models start their SFT on short reflections
+(``Writer.short``, 2-12 words, where the chain is half of the loss) and end it on the long ones; the
+writer they imitate at the end, and the one the traces are measured on, is the long one.
 
 The student's writer has three habits that the teacher's writer never shows, so its tokens are outliers
 to the teacher (pi_T << pi_S):
