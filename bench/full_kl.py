@@ -37,7 +37,9 @@ peak resident memory (``ru_maxrss`` rise, large allocations returned to the OS a
 Time: the median of ``--repeats`` unprofiled passes after the profiled one. Before both, one pass on
 the first two chunks' tokens loads the libraries. ``teacher_matmul_share_of_full_time``: one pass of the
 teacher's output-layer matmul alone in the loss op's chunks (timed on four chunks and scaled to all) over
-the full path's time, the part no elementwise work can remove.
+the full path's time, the part no elementwise work can remove. ``one_pass_over_two_passes_time``: a
+reverse-KL loss with the forward KL that the ``bias/*`` metrics read beside it, computed in the loss's
+own pass (``also``, as training does) over the same two in separate calls (one teacher matmul pass each).
 
 Payload per token: teacher hidden states ``H_t`` values against logits ``V`` values (same element size,
 ``--wire-bytes``, bf16 by default) and against the top-k ``k x (8 + 4)`` bytes (int64 ids, fp32
@@ -63,7 +65,11 @@ import psutil
 import torch
 
 from megatron_tropd.memory import peak_cpu_tensor_bytes
-from megatron_tropd.ops import vocab_parallel_full_divergence, vocab_parallel_topk_forward_kl
+from megatron_tropd.ops import (
+    vocab_parallel_full_divergence,
+    vocab_parallel_full_divergence_with_stats,
+    vocab_parallel_topk_forward_kl,
+)
 from megatron_tropd.ops.vocab_parallel import CHUNK_BYTES
 from megatron_tropd.scoring import teacher_signal_fn
 from megatron_tropd.spawn import run_on_ranks
@@ -182,6 +188,25 @@ def _teacher_output_layer_and_topk(inputs: dict, config: dict, device) -> float:
     return _timed(all_blocks, device)
 
 
+def _loss_and_metrics_divergence(inputs: dict, config: dict, device, one_pass: bool) -> float:
+    """Seconds of a reverse-KL loss (forward and backward) plus the forward KL the ``bias/*`` metrics
+    read: in one pass over the teacher's vocabulary (``also``), or in two calls, one pass each."""
+    logits, vocab, chunk = inputs["logits"], config["vocab"], config["chunk_tokens"]
+    args = (logits, inputs["hidden"], inputs["weight"], None, vocab, "reverse_kl")
+
+    def step() -> None:
+        if one_pass:
+            value = vocab_parallel_full_divergence_with_stats(*args, chunk_tokens=chunk, also=("forward_kl",))
+            value = value.value
+        else:
+            value = vocab_parallel_full_divergence(*args, chunk_tokens=chunk)
+            with torch.no_grad():
+                vocab_parallel_full_divergence(*args[:5], "forward_kl", chunk_tokens=chunk)
+        torch.autograd.grad(value.sum(), logits)
+
+    return _timed(step, device)
+
+
 def _warm_up(variant: str, inputs: dict, config: dict) -> None:
     """One pass on the first two chunks' tokens: loads the kernels' libraries, whose pages would otherwise
     count as the measured pass's resident memory."""
@@ -210,6 +235,9 @@ def bench_worker(rank, world, variant: str, config: dict) -> dict:
         result["teacher_output_layer_and_topk_seconds"] = _teacher_output_layer_and_topk(
             inputs, config, device
         )
+        for name, one_pass in (("one_pass", True), ("two_passes", False)):
+            seconds = _loss_and_metrics_divergence(inputs, config, device, one_pass)
+            result[f"reverse_kl_with_metrics_{name}_seconds"] = seconds
     return result
 
 
@@ -248,6 +276,8 @@ def run(config: dict) -> dict:
         "full_over_topk_time": full["seconds"] / topk["seconds"],
         "full_over_topk_in_loop_time": (teacher + full["seconds"]) / (teacher + topk["seconds"]),
         "teacher_matmul_share_of_full_time": full["teacher_matmul_pass_seconds"] / full["seconds"],
+        "one_pass_over_two_passes_time": full["reverse_kl_with_metrics_one_pass_seconds"]
+        / full["reverse_kl_with_metrics_two_passes_seconds"],
         "extra_memory_over_logits_copy": full["extra_bytes"] / logits_copy,
         "topk_extra_memory_over_logits_copy": topk["extra_bytes"] / logits_copy,
         "payload": _payload(config),
@@ -274,6 +304,12 @@ def _print(results: dict) -> None:
     print(f"full_over_topk_time             {results['full_over_topk_time']:8.3f}  (target <= 1.3)")
     print(f"full_over_topk_in_loop_time     {results['full_over_topk_in_loop_time']:8.3f}")
     print(f"teacher_matmul_share_of_full_time {results['teacher_matmul_share_of_full_time']:6.3f}")
+    one, two = (
+        full["reverse_kl_with_metrics_one_pass_seconds"],
+        full["reverse_kl_with_metrics_two_passes_seconds"],
+    )
+    print(f"reverse-KL loss + forward-KL metrics: one pass {one:.3f} s, two passes {two:.3f} s")
+    print(f"one_pass_over_two_passes_time   {results['one_pass_over_two_passes_time']:8.3f}")
     print(
         f"extra_memory_over_logits_copy   {results['extra_memory_over_logits_copy']:8.3f}  (target <= 0.15)"
     )

@@ -28,6 +28,9 @@ class RolloutBatch:
     # [N, S, H_t] fp32 teacher final hidden state (the input of its output layer) at position t, scored
     # with the hidden payload (``method.teacher_payload``) for the full-vocabulary divergences
     teacher_hidden: torch.Tensor | None = None
+    # [N, S] int64: with several teachers and the hidden payload, the index (teachers in name order) of
+    # the teacher whose hidden states fill ``teacher_hidden`` (the first H_i of its columns) on this row
+    teacher_index: torch.Tensor | None = None
     lp_student_old: torch.Tensor | None = None  # [N, S] generating student's log-prob of label t
     entropy_student_old: torch.Tensor | None = None  # [N, S]
     trust_mask: torch.Tensor | None = None  # [N, S] bool, M ~ Bernoulli(P_trust)

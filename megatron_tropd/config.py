@@ -793,19 +793,6 @@ class RunConfig:
             return "teacher", "parallel.teacher_"
         return f"teachers.{name}.model", f"teachers.{name}."
 
-    def check_teacher_payload(self) -> None:
-        """The hidden teacher payload moves one teacher's hidden states and output layer: refuse several."""
-        method = self.method
-        if method.hidden_payload and len(self.teacher_set()) > 1:
-            why = "method.teacher_payload=hidden"
-            if method.teacher_payload != "hidden":
-                why = f"method {method.name!r} reads an exact full-vocabulary divergence"
-            raise ValueError(
-                f"the teacher payload resolves to 'hidden' ({why}), which supports one teacher, but "
-                f"teachers names {len(self.teachers)} ({', '.join(sorted(self.teachers))}): use one "
-                "teacher, or a top-k method with method.teacher_payload=topk"
-            )
-
     def _check_teachers(self) -> None:
         """Each teacher's shape and layout, and its vocabulary: the true vocabularies must equal the
         student's (padded sizes may differ, 151,936 vs 152,064)."""
@@ -814,7 +801,6 @@ class RunConfig:
                 f"data.default_domain = {self.data.default_domain!r} names no teacher; the teachers are "
                 f"{', '.join(sorted(self.teachers))}"
             )
-        self.check_teacher_payload()
         claimed: dict[str, str] = {}
         for name, teacher in self.teacher_set().items():
             shape_key, layout_key = self._teacher_keys(name)

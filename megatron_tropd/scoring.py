@@ -15,7 +15,7 @@ output-layer rows of its vocabulary partition, so training can recompute the tea
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -254,11 +254,6 @@ def score_batch(
     """
     lengths = spec.row_lengths(batch)
     if isinstance(teacher, RoutedTeachers):
-        if spec.teacher_hidden_size:
-            raise ValueError(
-                "the hidden teacher payload (method.teacher_payload=hidden, or a full-vocabulary method) "
-                "supports one teacher only; with several teachers (RunConfig.teachers) use a top-k method"
-            )
         teacher_for_me = routed_teacher_signals(batch, teacher, student.groups, spec, lengths)
         return _with_student_signals(batch, student, spec, step, lengths, teacher_for_me)
     teacher_out = teacher_signals(batch, teacher, spec, lengths)
@@ -285,20 +280,25 @@ def _with_student_signals(
     return mine.with_signals(trust_mask=draw_batch_trust_mask(mine, spec.trust_seed, step))
 
 
+def _hidden_capture(teacher: PlacedModel, spec: ScoringSpec) -> HiddenCapture | None:
+    """A capture of the teacher's final hidden states on its last stage, with the hidden payload."""
+    if not (spec.teacher_hidden_size and teacher.is_last_stage):
+        return None
+    if teacher.config.hidden_size != spec.teacher_hidden_size:
+        raise ValueError(
+            f"ScoringSpec.teacher_hidden_size = {spec.teacher_hidden_size} but the teacher's hidden_size "
+            f"is {teacher.config.hidden_size}"
+        )
+    return HiddenCapture(teacher.stage)
+
+
 def teacher_signals(
     batch: RolloutBatch, teacher: PlacedModel, spec: ScoringSpec, lengths: list[int] | None = None
 ) -> dict[str, torch.Tensor] | None:
     """The teacher's signals for its data-parallel rows of ``batch`` (None off its last stage);
     ``lengths``: each row's token count, when packing. With ``spec.teacher_hidden_size`` the signals
     include ``teacher_hidden``, captured from the teacher stage's output layer during these passes only."""
-    hidden = None
-    if spec.teacher_hidden_size and teacher.is_last_stage:
-        if teacher.config.hidden_size != spec.teacher_hidden_size:
-            raise ValueError(
-                f"ScoringSpec.teacher_hidden_size = {spec.teacher_hidden_size} but the teacher's hidden_size "
-                f"is {teacher.config.hidden_size}"
-            )
-        hidden = HiddenCapture(teacher.stage)
+    hidden = _hidden_capture(teacher, spec)
     signal_fn = teacher_signal_fn(
         teacher.tp_group, spec.vocab_size, spec.topk, spec.with_teacher_entropy, hidden
     )
@@ -347,23 +347,36 @@ def routed_teacher_signals(
     receivers = last_stage_holders(student_groups, batch.num_sequences, world_size, False, lengths=lengths)
     me = next((h for h in receivers if h.rank == dist.get_rank()), None)
     template = _teacher_template(spec, batch.seq_length)
+    if spec.teacher_hidden_size:  # which teacher's hidden states each row holds
+        template["teacher_index"] = ((batch.seq_length,), torch.int64)
     out = None
     if me is not None:
         out = {
             name: torch.zeros(me.stop - me.start, *shape, dtype=dtype, device=batch.tokens.device)
             for name, (shape, dtype) in template.items()
         }
-    for name in sorted(routed.teachers):
+    for index, name in enumerate(sorted(routed.teachers)):
         subset = routed.subset(name)
         if not subset:
             continue
-        received = _one_teacher_subset(batch, subset, routed.teachers[name], receivers, spec)
+        teacher = routed.teachers[name]
+        received = _one_teacher_subset(batch, subset, teacher, receivers, _spec_for(spec, teacher))
         if out is not None and received is not None:
             local = torch.tensor(subset, device=batch.tokens.device)
             local = local[(local >= me.start) & (local < me.stop)] - me.start
             for field, value in received.items():
-                out[field][local] = value
+                out[field][local, ..., : value.shape[-1]] = value  # hidden: the teacher's own width
+            if "teacher_index" in out:
+                out["teacher_index"][local] = index
     return out
+
+
+def _spec_for(spec: ScoringSpec, teacher: PlacedModel) -> ScoringSpec:
+    """``spec`` for one of several teachers: with the hidden payload, its own hidden size (the rows on
+    the student's side are as wide as the widest teacher)."""
+    if not spec.teacher_hidden_size:
+        return spec
+    return replace(spec, teacher_hidden_size=teacher.config.hidden_size)
 
 
 def _one_teacher_subset(batch, subset: list[int], teacher: PlacedModel, receivers, spec: ScoringSpec):
@@ -372,14 +385,21 @@ def _one_teacher_subset(batch, subset: list[int], teacher: PlacedModel, receiver
     sub = batch.rows(torch.tensor(subset, device=batch.tokens.device))
     sub_lengths = sequence_lengths(sub)
     rows = teacher.rows(len(subset), sub_lengths, uneven=True)
-    signal_fn = teacher_signal_fn(teacher.tp_group, spec.vocab_size, spec.topk, spec.with_teacher_entropy)
+    hidden = _hidden_capture(teacher, spec)
+    signal_fn = teacher_signal_fn(
+        teacher.tp_group, spec.vocab_size, spec.topk, spec.with_teacher_entropy, hidden
+    )
     signals = None
-    if rows.stop > rows.start:  # a replica without rows runs nothing (its TP and PP ranks agree)
-        # Unpacked, one row a microbatch: a replica's share need not divide any micro_batch_size.
-        signals = forward_signals(
-            teacher, sub.tokens[rows], 1, signal_fn, lengths=sub_lengths[rows] if spec.max_tokens else None,
-            max_tokens=spec.max_tokens,
-        )  # fmt: skip
+    try:
+        if rows.stop > rows.start:  # a replica without rows runs nothing (its TP and PP ranks agree)
+            # Unpacked, one row a microbatch: a replica's share need not divide any micro_batch_size.
+            signals = forward_signals(
+                teacher, sub.tokens[rows], 1, signal_fn,
+                lengths=sub_lengths[rows] if spec.max_tokens else None, max_tokens=spec.max_tokens,
+            )  # fmt: skip
+    finally:
+        if hidden is not None:  # generation runs the same stage: it must not keep capturing
+            hidden.remove()
     world_size = dist.get_world_size()
     senders = last_stage_holders(teacher.groups, len(subset), world_size, True, sub_lengths, uneven=True)
     plan = plan_row_transfer(senders=senders, receivers=into_subset(receivers, subset))

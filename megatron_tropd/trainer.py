@@ -3,7 +3,7 @@
 (every ``eval.interval`` steps, before the first and after the last: avg@k on held-out benchmarks).
 With the hidden teacher payload (``MethodConfig.hidden_payload``: ``method.teacher_payload=hidden`` or a
 full-vocabulary method) each student rank first receives the teacher's output-layer rows of its
-vocabulary partition, once per job (``ensure_teacher_weight``); one teacher only.
+vocabulary partition, once per job (``ensure_teacher_weight``), from every teacher when there are several.
 
 ``run(config)`` is the job's entry point on every rank (torchrun, srun or a nemo-run launcher). Every
 method of ``method.md`` runs through the same loop; only ``config.method`` changes. On SIGUSR1 or SIGTERM
@@ -233,18 +233,11 @@ def _resume(checkpoint: CheckpointConfig, root: Path, student) -> LoopState:
     return LoopState.from_dict(saved) if saved is not None else LoopState()
 
 
-def _check_hidden_payload(config: RunConfig) -> None:
-    """The hidden teacher payload supports one teacher (``RunConfig.check_teacher_payload``); checked
-    again here because a job's method may change after set-up."""
-    config.check_teacher_payload()
-
-
 def ensure_teacher_weight(job: Job) -> None:
     """Give the student its ranks' rows of the teacher's output layer when the method needs them and it
     has none yet (collective on every rank; ``training.attach_teacher_weight``)."""
     from megatron_tropd.training import attach_teacher_weight
 
-    _check_hidden_payload(job.config)
     method = job.config.method
     if method.hidden_payload and not job.teacher_weight_attached:
         if method.teacher_payload != "hidden":
@@ -252,7 +245,7 @@ def ensure_teacher_weight(job: Job) -> None:
                 "method %r reads an exact full-vocabulary divergence: the teacher payload is 'hidden' "
                 "(method.teacher_payload=%r does not apply to it)", method.name, method.teacher_payload,
             )  # fmt: skip
-        attach_teacher_weight(job.student, job.teacher)
+        attach_teacher_weight(job.student, [job.teachers[name] for name in sorted(job.teachers)])
         job.teacher_weight_attached = True
 
 
@@ -262,7 +255,6 @@ def setup(config: RunConfig) -> tuple[Job, LoopState]:
 
     info = init_distributed()
     config.validate(info.world_size)
-    _check_hidden_payload(config)
     set_seed(config.seed)
     topology, student, teachers = _build_models(config)
     tokenizer = run_tokenizer(config)
@@ -398,7 +390,7 @@ def train_one_step(job: Job, step: int) -> StepRecord:
     generated = time.perf_counter()
     spec = ScoringSpec.for_method(
         config.student.vocab_size, config.method, config.optim.micro_batch_size, config.packing_tokens,
-        teacher_hidden_size=job.teacher.config.hidden_size,
+        teacher_hidden_size=max(teacher.config.hidden_size for teacher in job.teachers.values()),
     )  # fmt: skip
     scored = score_batch(batch, job.student.placed, job.scoring_teachers(routes), spec, step)
     extra = _per_teacher(job, scored, routes, spec.row_lengths(batch))

@@ -30,7 +30,7 @@ from megatron_tropd.losses import (
 )
 from megatron_tropd.methods import method_spec
 from megatron_tropd.models import ModelConfig, build_gpt_model
-from megatron_tropd.ops import vocab_parallel_full_divergence, vocab_parallel_token_stats
+from megatron_tropd.ops import vocab_parallel_full_divergence_with_stats, vocab_parallel_token_stats
 from megatron_tropd.ops.vocab_parallel import vocab_parallel_token_stats_with_tail
 from megatron_tropd.packing import packed_rollout_microbatches
 from megatron_tropd.pipeline import run_microbatches
@@ -48,9 +48,10 @@ class Student:
     groups: ModelGroups
     model_config: ModelConfig
     optim_config: OptimConfig
-    teacher_weight: torch.Tensor | None = None
+    teacher_weight: torch.Tensor | tuple[torch.Tensor, ...] | None = None
     """The teacher's output-layer rows of this rank's vocabulary partition ``[V_local, H_t]`` (fp32, last
-    stage only), for the full-vocabulary divergences; None until ``attach_teacher_weight``."""
+    stage only), for the full-vocabulary divergences; with several teachers one per teacher, in name
+    order (``RolloutBatch.teacher_index``); None until ``attach_teacher_weight``."""
 
     @property
     def module(self) -> torch.nn.Module:
@@ -137,14 +138,15 @@ def build_student(
 class FullDivergences:
     """Which exact full-vocabulary divergences a microbatch's signals carry, and their inputs."""
 
-    teacher_weight: torch.Tensor  # [V_local, H_t]: the teacher's rows of this rank's partition
+    # [V_local, H_t]: the teacher's rows of this rank's partition (a tuple of them for several teachers)
+    teacher_weight: torch.Tensor | tuple[torch.Tensor, ...]
     with_grad: tuple[str, ...] = ()  # kinds (``ops.FULL_DIVERGENCES``) the loss reads
     metrics_only: tuple[str, ...] = ()  # kinds only the metrics read: computed without a graph
     jsd_beta: float = 0.5
 
 
 def full_divergences(
-    method: MethodConfig, batch: RolloutBatch, teacher_weight: torch.Tensor | None
+    method: MethodConfig, batch: RolloutBatch, teacher_weight: torch.Tensor | tuple | None
 ) -> FullDivergences | None:
     """What ``method`` reads from the full vocabulary: its ``MethodSpec.full_divergence`` with gradient,
     and the full forward KL of the ``bias/*`` metrics whenever the batch carries the teacher's hidden
@@ -168,17 +170,18 @@ def full_divergences(
 
 
 def _full_divergence_signals(logits, batch, tp_group, vocab_size, full: FullDivergences) -> dict:
-    """``TokenSignals`` fields ``full_*`` ``[T]`` on the student tokens (0 elsewhere, never computed)."""
+    """``TokenSignals`` fields ``full_*`` ``[T]`` on the student tokens (0 elsewhere, never computed), in
+    one pass over the teacher's vocabulary: the loss's kind with its gradient, the metrics' kinds beside
+    it without one."""
     student_tokens = batch.loss_mask & ~batch.is_teacher_prefix
-    out = {}
-    for kind in (*full.with_grad, *full.metrics_only):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and kind in full.with_grad):
-            value = vocab_parallel_full_divergence(
-                logits, batch.teacher_hidden, full.teacher_weight, tp_group, vocab_size, kind,
-                full.jsd_beta, token_mask=student_tokens,
-            )  # fmt: skip
-        out[FULL_DIVERGENCE_FIELDS[kind]] = value.reshape(-1)
-    return out
+    kinds = (*full.with_grad, *full.metrics_only)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and bool(full.with_grad)):
+        result = vocab_parallel_full_divergence_with_stats(
+            logits, batch.teacher_hidden, full.teacher_weight, tp_group, vocab_size, kinds[0],
+            full.jsd_beta, token_mask=student_tokens, also=kinds[1:], teacher_index=batch.teacher_index,
+        )  # fmt: skip
+    values = {kinds[0]: result.value, **result.also}
+    return {FULL_DIVERGENCE_FIELDS[kind]: values[kind].reshape(-1) for kind in kinds}
 
 
 def student_signals(
@@ -230,12 +233,17 @@ def student_signals(
     )
 
 
-def attach_teacher_weight(student: Student, teacher: PlacedModel) -> None:
+def attach_teacher_weight(student: Student, teacher: PlacedModel | list[PlacedModel]) -> None:
     """Give ``student`` the teacher's output-layer rows of each rank's vocabulary partition
-    (``scoring.teacher_weight_for_student``); collective on every rank, once per job."""
+    (``scoring.teacher_weight_for_student``); several teachers (a list, in name order): a tuple of their
+    rows. Collective on every rank, once per job."""
     from megatron_tropd.scoring import teacher_weight_for_student
 
-    student.teacher_weight = teacher_weight_for_student(teacher, student.placed)
+    if isinstance(teacher, PlacedModel):
+        student.teacher_weight = teacher_weight_for_student(teacher, student.placed)
+        return
+    weights = tuple(teacher_weight_for_student(one, student.placed) for one in teacher)
+    student.teacher_weight = None if weights[0] is None else (weights[0] if len(weights) == 1 else weights)
 
 
 @dataclass

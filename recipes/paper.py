@@ -28,7 +28,6 @@ from megatron_tropd.config import (
     RunConfig,
     TeacherConfig,
 )
-from megatron_tropd.methods import method_spec
 from megatron_tropd.model_config import ModelConfig, qwen2_5_1_5b, qwen2_5_7b, qwen3_1_7b, qwen3_4b
 
 NODES = 8
@@ -158,8 +157,7 @@ def _bind(base: Callable[[str], RunConfig], method: str) -> Callable[[], RunConf
 
 def paper_recipes() -> dict[str, Callable[[], RunConfig]]:
     """Every setting x every method of ``METHOD_NAMES``: ``deepseek_math_tropd``, ``qwen3_multi_opd``,
-    ``deepseek_multi_two_teachers_tropd`` (every method but the full-vocabulary ones, which take one
-    teacher).
+    ``deepseek_multi_two_teachers_tropd``.
 
     The math setting thereby has every row of the paper's Table 5 (``methods.TABLE5_METHODS``: OPD, Mask
     Outlier, Clip Outlier, stand-alone FKL, FKL Outlier, TrOPD Mask, TrOPD Clip, TrOPD). Recipes leave
@@ -167,7 +165,5 @@ def paper_recipes() -> dict[str, Callable[[], RunConfig]]:
     recipes: dict[str, Callable[[], RunConfig]] = {}
     for base in (deepseek_math, deepseek_multi, qwen3_multi, deepseek_multi_two_teachers):
         for method in METHOD_NAMES:
-            if base is deepseek_multi_two_teachers and method_spec(method).full_divergence:
-                continue  # the full-vocabulary payload supports one teacher (RunConfig.check_teacher_payload)
             recipes[f"{base.__name__}_{method}"] = _bind(base, method)
     return recipes

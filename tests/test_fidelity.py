@@ -137,7 +137,11 @@ def test_sft_starts_on_short_reflections_and_ends_on_the_long_writer():
     from megatron_tropd.fidelity.study import FULL, pretrain_specs
 
     teacher, student = pretrain_specs(FULL, seed=0)
-    assert teacher.curriculum_steps == int(0.7 * FULL.teacher_steps) and student.curriculum_steps > 0
+    assert (teacher.curriculum_steps, student.curriculum_steps) == (
+        FULL.teacher_curriculum_steps,
+        FULL.student_curriculum_steps,
+    )
+    assert 0 < teacher.curriculum_steps < teacher.steps and 0 < student.curriculum_steps < student.steps
     assert isinstance(teacher, PretrainSpec) and teacher.writer == task.TEACHER_WRITER
 
     def thinking_words(step: int) -> float:

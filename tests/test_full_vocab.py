@@ -438,3 +438,177 @@ def test_cuda_fused_path_matches_reference(case):
         _close(
             leaf.grad.cpu(), want_grad, GRAD_TOLERANCE[torch.float32], 0.0, f"cuda {case.name} {kind} grad"
         )
+
+
+ALSO_CASES = [CASES[0], CASES[2]]  # random; one with a TP-4 rank without real columns (TP 2 here: none)
+
+
+def _also_results(case, rank, tp, group):
+    """Per main kind: (value, gradient slice, also values) with ``also`` = the other kinds, and the same
+    from separate calls, masked and chunked, fp32."""
+    problem, vocab, dtype = make_problem(case, tp), case.vocab_size, torch.float32
+    student = shard(problem.student, rank, tp).to(dtype)
+    weight = fv.teacher_output_weight_shard(
+        problem.weight, vocab_shard(student.shape[-1], group, vocab), vocab, vocab, dtype
+    )
+    hidden, grad_weights = problem.hidden.to(dtype), problem.grad_weights.to(dtype)
+
+    def call(kind, also=()):
+        leaf = student.clone().requires_grad_(True)
+        out = fv.vocab_parallel_full_divergence_with_stats(
+            leaf, hidden, weight, group, vocab, kind, 0.3, problem.token_mask, 4, also=also
+        )
+        (out.value * grad_weights).sum().backward()
+        return out.value.detach(), leaf.grad, out.also
+
+    out = {}
+    for kind in fv.FULL_DIVERGENCES:
+        others = tuple(other for other in fv.FULL_DIVERGENCES if other != kind)
+        out[kind] = {"fused": call(kind, (*others, kind)), "alone": call(kind)}
+        out[kind]["separate"] = {other: call(other)[0] for other in others}
+    return out
+
+
+def also_worker(rank, world_size):
+    group = dist.new_group(list(range(world_size)))
+    return {case.name: _also_results(case, rank, world_size, group) for case in ALSO_CASES}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_also_kinds_equal_separate_calls_bit_for_bit(tp):
+    """Kinds computed beside the main one in its pass are exactly the values of their own calls, and the
+    main value and gradient are exactly those of a call without them (the same kernels on the same
+    chunk log-probs; each element TP-summed once either way)."""
+    if tp == 1:
+        per_rank = [{case.name: _also_results(case, 0, 1, None) for case in ALSO_CASES}]
+    else:
+        per_rank = run_on_ranks(also_worker, tp)
+    for results in per_rank:
+        for case in ALSO_CASES:
+            for kind, got in results[case.name].items():
+                value, grad, also = got["fused"]
+                want_value, want_grad, want_also = got["alone"]
+                assert want_also == {}
+                assert torch.equal(value, want_value) and torch.equal(grad, want_grad), (case.name, kind)
+                assert set(also) == set(fv.FULL_DIVERGENCES), (case.name, kind)
+                assert torch.equal(also[kind], value), "a main kind also asked for is the main value"
+                for other, separate in got["separate"].items():
+                    assert torch.equal(also[other], separate), (tp, case.name, kind, other)
+                    assert not also[other].requires_grad
+
+
+def test_also_kinds_share_the_teacher_matmul_pass(monkeypatch):
+    """Three kinds in one call form each chunk's teacher logits once."""
+    logits, hidden, weight = _memory_problem()
+    calls = []
+    teacher_logits = fv._teacher_logits
+
+    def counted(hidden_rows, weight_valid):
+        calls.append(hidden_rows.shape[0])
+        return teacher_logits(hidden_rows, weight_valid)
+
+    monkeypatch.setattr(fv, "_teacher_logits", counted)
+    out = fv.vocab_parallel_full_divergence_with_stats(
+        logits, hidden, weight, None, 96, "reverse_kl", chunk_tokens=8, also=("forward_kl", "jsd")
+    )
+    out.value.sum().backward()
+    assert len(calls) == -(-logits.shape[0] // 8) and sum(calls) == logits.shape[0]
+    assert set(out.also) == {"forward_kl", "jsd"}
+
+
+def test_forward_kl_kernel_with_gradient_is_the_two_kernels():
+    """The forward KL's one-buffer kernel returns exactly the terms and gradient kernels' results."""
+    generator = torch.Generator().manual_seed(3)
+    z_student, z_teacher = torch.randn(2, 6, 50, generator=generator) * 3
+    lse_student = torch.logsumexp(z_student, -1)
+    lp_teacher = fv._log_probs(z_teacher, torch.logsumexp(z_teacher, -1))
+    part, grad = fv._forward_kl_terms_and_grad(lp_teacher, z_student, lse_student)
+    terms = fv._forward_kl_terms(lp_teacher, z_student, lse_student, 0.5)
+    want_grad = fv._forward_kl_grad(lp_teacher, z_student, lse_student, None, 0.5)
+    assert torch.equal(part, terms[:, 0]) and torch.equal(grad, want_grad)
+
+
+def test_unknown_also_kind_is_a_clear_error():
+    logits, hidden, weight = _memory_problem(num_tokens=4)
+    with pytest.raises(ValueError, match="unknown full-vocabulary divergence 'tvd'"):
+        fv.vocab_parallel_full_divergence_with_stats(logits, hidden, weight, None, 96, also=("tvd",))
+
+
+TWO_TEACHERS = FullCase("two_teachers", 37, 3, 0, 29, 8)  # teacher 1 is 5 wide, teacher 0 8 wide
+TWO_TEACHER_WIDTHS = (8, 5)
+
+
+def _two_teacher_problem(tp: int):
+    """The student and two teachers of different widths; each token's teacher index (-1: none) and the
+    teacher logits its own teacher gives it ``[T, V]``."""
+    problem = make_problem(TWO_TEACHERS, tp)
+    generator = torch.Generator().manual_seed(11)
+    vocab, tokens = TWO_TEACHERS.vocab_size, TWO_TEACHERS.num_tokens
+    weights = [problem.weight, torch.randn(vocab, 5, generator=generator, dtype=torch.float64) * 0.7]
+    index = torch.randint(-1, 2, (tokens,), generator=generator)
+    index[:3] = torch.tensor([0, 1, -1])
+    hidden = problem.hidden.clone()
+    hidden[index == 1, 5:] = 99.0  # beyond teacher 1's width: must never be read
+    logits = torch.stack(
+        [hidden[t, : TWO_TEACHER_WIDTHS[max(int(i), 0)]] @ weights[max(int(i), 0)][:vocab].T
+         for t, i in enumerate(index)]
+    )  # fmt: skip
+    return problem, weights, hidden, index, logits
+
+
+def _two_teacher_results(rank, tp, group):
+    problem, weights, hidden, index, _ = _two_teacher_problem(tp)
+    vocab, out = TWO_TEACHERS.vocab_size, {}
+    leaf_base = shard(problem.student, rank, tp)
+    student_shard = vocab_shard(leaf_base.shape[-1], group, vocab)
+    shards = [fv.teacher_output_weight_shard(w, student_shard, vocab, vocab, torch.float64) for w in weights]
+    for kind, beta in DIVERGENCES:
+        for mask in (None, problem.token_mask):
+            for inplace in (False, True):
+                leaf = leaf_base.clone().requires_grad_(True)
+                value = fv.vocab_parallel_full_divergence_with_stats(
+                    leaf, hidden, shards, group, vocab, kind, beta, mask, 4, inplace, teacher_index=index
+                ).value
+                (value * problem.grad_weights).sum().backward()
+                out[(kind, beta, mask is None, inplace)] = (value.detach(), leaf.grad)
+    return out
+
+
+def two_teacher_worker(rank, world_size):
+    return _two_teacher_results(rank, world_size, dist.new_group(list(range(world_size))))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_two_teachers_in_one_pass_match_the_reference(tp):
+    """Each token's divergence against its own teacher (of its own width; none for index -1) equals the
+    fp64 single-device reference in value and gradient, with one gradient buffer for both teachers."""
+    per_rank = [_two_teacher_results(0, 1, None)] if tp == 1 else run_on_ranks(two_teacher_worker, tp)
+    problem, _, _, index, teacher_logits = _two_teacher_problem(tp)
+    vocab = TWO_TEACHERS.vocab_size
+    for (kind, beta, unmasked, inplace), (value, _) in per_rank[0].items():
+        mask = (index >= 0) & (True if unmasked else problem.token_mask)
+        leaf = problem.student.clone().requires_grad_(True)
+        want = ref.vocab_parallel_full_divergence(leaf, teacher_logits, vocab, kind, beta, mask)
+        (want * problem.grad_weights).sum().backward()
+        grad = torch.cat([r[(kind, beta, unmasked, inplace)][1] for r in per_rank], -1)
+        what = f"TP{tp} {kind}({beta}) unmasked={unmasked} inplace={inplace}"
+        _close(value, want.detach(), 1e-10, 0.0, f"{what} value")
+        _close(grad, leaf.grad, 1e-10, 0.0, f"{what} gradient")
+        assert torch.equal(value[~mask], torch.zeros_like(value[~mask])), what
+
+
+def test_several_teachers_need_their_index_and_fitting_weights():
+    logits, hidden, weight = _memory_problem(num_tokens=4)
+    with pytest.raises(ValueError, match="2 teacher weights need teacher_index"):
+        fv.vocab_parallel_full_divergence(logits, hidden, [weight, weight], None, 96)
+    with pytest.raises(
+        ValueError, match=r"must be this rank's vocabulary partition \[V_local, H_t\] = \[96, <= 8\]"
+    ):
+        fv.vocab_parallel_full_divergence_with_stats(
+            logits,
+            hidden,
+            [weight, torch.zeros(96, 9)],
+            None,
+            96,
+            teacher_index=torch.zeros(4, dtype=torch.int64),
+        )

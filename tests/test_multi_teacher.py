@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,62 @@ def test_each_teacher_runs_only_its_own_rows(routing):
         assert ran == want, name
 
 
+def _full_fkl(student, scored, weight):
+    """The student's exact full forward KL against the scored hidden states, on its loss tokens."""
+    from megatron_tropd.ops import vocab_parallel_full_divergence
+
+    with torch.no_grad():
+        logits = student.module(scored.tokens, scored.position_ids, None)
+        return vocab_parallel_full_divergence(
+            logits, scored.teacher_hidden, weight, student.groups.tp_group, 300, "forward_kl",
+            token_mask=scored.loss_mask, teacher_index=scored.teacher_index,
+        )  # fmt: skip
+
+
+def hidden_routing_worker(rank, world_size):
+    """Two teachers of different widths (96 and 64) with the hidden payload: routed, and each alone."""
+    from megatron_tropd.placed import place_model
+    from megatron_tropd.runtime import start
+    from megatron_tropd.scoring import RoutedTeachers, ScoringSpec, score_batch, teacher_weight_for_student
+    from megatron_tropd.topology import ParallelLayout
+    from megatron_tropd.training import attach_teacher_weight, build_student
+
+    topology = start(ParallelLayout(1, 1), ParallelLayout(2, 1), seed=5)
+    student = build_student(tiny(), RunConfig().optim, topology.student, 2, seed=3)
+    teachers = {}
+    for index, (name, teacher) in enumerate(sorted(_teachers().items())):
+        layout = ParallelLayout(teacher.tensor_parallel, teacher.pipeline_parallel)
+        teachers[name] = place_model(teacher.model, topology.groups_for(layout), seed=20 + index)
+    method, batch = MethodConfig(name="fkl_full", topk=8), heavy_tailed_batch()
+    widest = max(t.config.hidden_size for t in teachers.values())
+    spec = ScoringSpec.for_method(300, method, 1, teacher_hidden_size=widest)
+    routed = score_batch(batch, student.placed, RoutedTeachers(teachers, ROUTES), spec, 0)
+    attach_teacher_weight(student, [teachers[name] for name in sorted(teachers)])
+    alone = {}
+    for name, teacher in sorted(teachers.items()):
+        one_spec = ScoringSpec.for_method(300, method, 1, teacher_hidden_size=teacher.config.hidden_size)
+        scored = score_batch(batch, student.placed, teacher, one_spec, 0)
+        alone[name] = _full_fkl(student, scored, teacher_weight_for_student(teacher, student.placed))
+    rows = student.placed.rows(len(ROUTES))
+    return {
+        "rows": (rows.start, rows.stop), "routed": _full_fkl(student, routed, student.teacher_weight),
+        "teacher_index": routed.teacher_index, "alone": alone, "loss_mask": routed.loss_mask,
+    }  # fmt: skip
+
+
+def test_the_full_vocabulary_divergence_takes_each_rows_own_teacher():
+    """With the hidden payload each row carries its own teacher's hidden states (math 96 wide, code 64)
+    and index, and its exact full FKL equals the one against that teacher scoring the batch alone."""
+    for result in run_on_ranks(hidden_routing_worker, 2):
+        start, stop = result["rows"]
+        assert result["routed"][result["loss_mask"]].gt(0).all()
+        for local, row in enumerate(range(start, stop)):
+            teacher = ROUTES[row]
+            assert (result["teacher_index"][local] == sorted(("math", "code")).index(teacher)).all()
+            got, want = result["routed"][local], result["alone"][teacher][local]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"row {row} ({teacher})")
+
+
 def two_teacher_loop_worker(rank, world_size, config):
     from megatron_tropd.trainer import run
 
@@ -148,7 +205,8 @@ def two_teacher_loop_worker(rank, world_size, config):
 
 
 @pytest.mark.slow
-def test_the_loop_trains_with_two_teachers_and_logs_each(tmp_path):
+@pytest.mark.parametrize("method", ["tropd", "tropd_full"])  # top-k, and the hidden payload
+def test_the_loop_trains_with_two_teachers_and_logs_each(tmp_path, method):
     prompts = tmp_path / "prompts.jsonl"
     lines = []
     source = Path(get_recipe("tiny_cpu").data.train_prompts).read_text().splitlines()
@@ -159,6 +217,7 @@ def test_the_loop_trains_with_two_teachers_and_logs_each(tmp_path):
     prompts.write_text("\n".join(lines))
     config = get_recipe("tiny_cpu")
     config = dataclasses.replace(config, teachers=_teachers(), train_steps=2)
+    config.method = dataclasses.replace(config.method, name=method)
     config.data.train_prompts = str(prompts)
     config.checkpoint.save_dir = str(tmp_path / "run")
     config.checkpoint.resume = "never"
@@ -173,6 +232,8 @@ def test_the_loop_trains_with_two_teachers_and_logs_each(tmp_path):
                 share = record[f"teacher/{name}/trust_fraction"] + record[f"teacher/{name}/outlier_share"]
                 assert share == pytest.approx(1.0)
         assert record["prefix_share"] > 0 or record["step"] > 0  # guided: both teachers wrote prefixes
+        if method == "tropd_full":  # the exact outlier term against each row's own teacher
+            assert record["bias/full_fkl_outlier"] >= 0.0 and math.isfinite(record["loss"])
 
 
 def test_a_teacher_can_be_added_from_the_command_line_and_a_config_file_reruns_it(tmp_path):

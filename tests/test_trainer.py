@@ -18,6 +18,7 @@ from megatron_tropd import train
 from megatron_tropd.config import METHOD_NAMES
 from megatron_tropd.config_file import compose
 from megatron_tropd.methods import METHOD_SPECS
+from megatron_tropd.models import tiny
 from megatron_tropd.spawn import run_on_ranks
 from recipes import get_recipe
 from tests.loss_helpers import make_method_context
@@ -233,18 +234,14 @@ def test_precision_is_a_setting_of_each_model(tmp_path):
 
 
 @pytest.mark.parametrize(("recipe", "payload"), [("tiny_cpu_fkl_full", "topk"), ("tiny_cpu_tropd", "hidden")])
-def test_hidden_payload_refuses_several_teachers_and_names_the_fix(recipe, payload):
-    from megatron_tropd import trainer
+def test_hidden_payload_takes_several_teachers_of_the_students_vocabulary(recipe, payload):
     from megatron_tropd.config import TeacherConfig
 
     config = get_recipe(recipe)
     config.method.teacher_payload = payload
-    trainer._check_hidden_payload(config)  # one teacher: accepted
     config.teachers = {"math": TeacherConfig(), "code": TeacherConfig()}
-    refusal = r"resolves to 'hidden'.*one teacher.*code, math.*teacher_payload=topk"
-    with pytest.raises(ValueError, match=refusal):
-        trainer._check_hidden_payload(config)
-    with pytest.raises(ValueError, match=refusal):  # before any process starts
+    assert config.method.hidden_payload
+    config.validate()  # each teacher's output layer serves its own rows (tests/test_multi_teacher.py)
+    config.teachers["code"] = dataclasses.replace(config.teachers["code"], model=tiny(vocab_size=301))
+    with pytest.raises(ValueError, match="teachers.code.model vocab_size 301"):
         config.validate()
-    config.method = dataclasses.replace(config.method, name="tropd", teacher_payload="topk")
-    trainer._check_hidden_payload(config)  # a top-k method with the top-k payload: several are fine

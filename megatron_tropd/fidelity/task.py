@@ -17,7 +17,9 @@ Long reflections drown the chain in the SFT loss (a tenth of the tokens): a 4-la
 steps on them reached 3% held-out accuracy (an earlier layout, spans of 4-10 words between the lines and
 47-token traces, reached 22% in 500 steps). So both models start their SFT on short reflections
 (``Writer.short``, 2-12 words, where the chain is half of the loss) and end it on the long ones; the
-writer they imitate at the end, and the one the traces are measured on, is the long one.
+writer they imitate at the end, and the one the traces are measured on, is the long one. Carrying the answer
+across the reflection is learnt on the long writer only: the teacher needs several hundred steps of it
+(``study.StudySize``).
 
 The student's writer has three habits that the teacher's writer never shows, so its tokens are outliers
 to the teacher (pi_T << pi_S):

@@ -11,7 +11,11 @@ chunk's teacher log-probs, into one buffer shaped like the logits (the gradient 
 and the backward only scales its rows by the upstream gradient. Without a gradient (``torch.no_grad``,
 metrics) no buffer is made; with ``inplace_backward=True`` none either, and the backward recomputes the
 teacher's chunks (a second matmul pass) to write the gradient into the logits' own storage. Beyond that
-buffer only per-token statistics ``[T]`` are kept between the passes. The student's logits
+buffer only per-token statistics ``[T]`` are kept between the passes. Further kinds (``also``) are
+computed from the same chunks in the same pass, without a gradient (the ``bias/*`` metrics' forward KL
+beside a reverse-KL or JSD loss): one teacher matmul pass per call whatever the number of kinds. Several
+teachers (``teacher_index``) take their tokens' chunks in turn, each with its own weight rows. The
+student's logits
 ``[T, V_local]`` are sharded as in ``vocab_parallel.py`` (rank ``r`` holds global ids
 ``[r * V_local, (r + 1) * V_local)``); columns at or beyond ``vocab_size`` are padding in both models and
 are excluded everywhere.
@@ -51,7 +55,7 @@ of one). A teacher weight in another dtype is converted on every pass over it, a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -80,6 +84,8 @@ class FullDivergence:
     value: torch.Tensor  # the divergence, differentiable w.r.t. the student logits
     teacher_lse: torch.Tensor  # log-sum-exp of the teacher logits over the true vocabulary (no gradient)
     student_lse: torch.Tensor  # log-sum-exp of the student logits over the true vocabulary (no gradient)
+    # The ``also`` divergences of the call, computed in the same pass over the vocabulary (no gradient).
+    also: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _check_divergence(kind: str, beta: float) -> None:
@@ -117,6 +123,20 @@ def _forward_kl_terms(lp_teacher, z_student, lse_student, beta):
     gap = _log_probs(z_student, lse_student).neg_().add_(lp_teacher)  # lp_T - lp_S
     part = lp_teacher.exp().mul_(gap).sum(-1)
     return torch.stack([part, torch.zeros_like(part)], -1)
+
+
+def _stack_part(part: torch.Tensor) -> torch.Tensor:
+    return torch.stack([part, torch.zeros_like(part)], -1)
+
+
+@_fused
+def _forward_kl_terms_and_grad(lp_teacher, z_student, lse_student):
+    """``_forward_kl_terms``' per-token part ``[C]`` and ``_forward_kl_grad`` from one student log-prob
+    buffer: the same operations on the same values, so both results are bit-identical to the two kernels'."""
+    lp_student = _log_probs(z_student, lse_student)
+    p_teacher = lp_teacher.exp()
+    part = torch.sub(lp_teacher, lp_student).mul_(p_teacher).sum(-1)
+    return part, lp_student.exp_().sub_(p_teacher)
 
 
 @_fused
@@ -221,29 +241,49 @@ class _Problem:
     """What one call's chunk passes read: the flat inputs and the call's configuration."""
 
     logits: torch.Tensor  # [T, V_local]
-    hidden: torch.Tensor  # [T, H_t]
-    weight_valid: torch.Tensor  # [V_valid, H_t] in the compute dtype
-    selected: torch.Tensor | None  # unmasked token rows, or None for all
+    hidden: torch.Tensor  # [T, H], H the widest teacher's hidden size
+    weights_valid: tuple[torch.Tensor, ...]  # per teacher [V_valid, H_i <= H] in the compute dtype
+    selected: torch.Tensor | None  # unmasked token rows (of any teacher), or None for all
     shard: VocabShard
     tp_group: object
     kind: str
     beta: float
     chunk_tokens: int | None
     dtype: torch.dtype  # compute dtype
+    also: tuple[str, ...] = ()  # further kinds computed in the forward's pass, without a gradient
+    teacher_rows: tuple[torch.Tensor | None, ...] = (None,)  # per teacher its rows (one teacher: selected)
 
     def row_chunks(self):
+        """``(rows, teacher hidden states of the rows, the teacher's weight)`` per chunk, teacher by
+        teacher: a chunk's rows share one teacher, so its logits are one matmul."""
         rows, device = self.logits.shape[0], self.logits.device
-        return _row_chunks(rows, self.selected, self.shard.local_size, self.chunk_tokens, device)
+        for weight, selected in zip(self.weights_valid, self.teacher_rows, strict=True):
+            for chunk in _row_chunks(rows, selected, self.shard.local_size, self.chunk_tokens, device):
+                yield chunk, self.hidden[chunk, : weight.shape[1]], weight
 
 
-def _problem(logits, hidden, weight, selected, shard, tp_group, kind, beta, chunk_tokens, dtype) -> _Problem:
-    """The ``_Problem`` of a call; the weight's real rows in the compute dtype (no copy when already)."""
-    weight_valid = weight[: shard.valid_size].to(dtype)
-    return _Problem(logits, hidden, weight_valid, selected, shard, tp_group, kind, beta, chunk_tokens, dtype)
+def _problem(
+    logits, hidden, weights, selected, shard, tp_group, kind, beta, chunk_tokens, dtype, also=(),
+    teacher_index=None,
+) -> _Problem:  # fmt: skip
+    """The ``_Problem`` of a call; the weights' real rows in the compute dtype (no copy when already).
+    With ``teacher_index [T]`` each teacher computes the selected rows whose index is its own."""
+    weights_valid = tuple(weight[: shard.valid_size].to(dtype) for weight in weights)
+    teacher_rows = (selected,)
+    if teacher_index is not None:
+        chosen = teacher_index if selected is None else teacher_index[selected]
+        rows = torch.arange(logits.shape[0], device=logits.device) if selected is None else selected
+        teacher_rows = tuple(rows[chosen == index] for index in range(len(weights)))
+    return _Problem(
+        logits, hidden, weights_valid, selected, shard, tp_group, kind, beta, chunk_tokens, dtype, also,
+        teacher_rows,
+    )  # fmt: skip
 
 
-def _compute_dtype(logits, hidden, weight) -> torch.dtype:
-    dtype = torch.promote_types(torch.promote_types(logits.dtype, hidden.dtype), weight.dtype)
+def _compute_dtype(logits, hidden, *weights) -> torch.dtype:
+    dtype = torch.promote_types(logits.dtype, hidden.dtype)
+    for weight in weights:
+        dtype = torch.promote_types(dtype, weight.dtype)
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -254,6 +294,7 @@ class _ForwardStats:
     lse_student: torch.Tensor  # [T]
     lse_teacher: torch.Tensor  # [T]
     terms: torch.Tensor  # [T, 2], TP-summed once the pass ends
+    also_terms: torch.Tensor  # [T, len(also), 2]: the ``also`` kinds' sums, TP-summed once the pass ends
 
 
 def _chunk_terms(problem: _Problem, lp_teacher, z_student, lse_student) -> torch.Tensor:
@@ -267,27 +308,56 @@ def _chunk_terms(problem: _Problem, lp_teacher, z_student, lse_student) -> torch
     return part
 
 
+def _also_terms(problem: _Problem, lp_teacher, z_student, lse_student) -> torch.Tensor:
+    """This rank's sums ``[C, len(also), 2]`` of the ``also`` kinds on one chunk (not yet TP-summed)."""
+    if not problem.shard.valid_size:
+        return lse_student.new_zeros(lse_student.shape[0], len(problem.also), 2)
+    parts = [_KERNELS[kind][0](lp_teacher, z_student, lse_student, problem.beta) for kind in problem.also]
+    return torch.stack(parts, 1)
+
+
 def _forward_pass(problem: _Problem, grad_logits: torch.Tensor | None) -> _ForwardStats:
     """The forward's one pass over the teacher's vocabulary, chunk by chunk: both log-sum-exps and the
-    TP-summed divergence sums; with ``grad_logits`` also each chunk's ``dL_t / dz_t`` written into it."""
+    TP-summed divergence sums (those of the ``also`` kinds too); with ``grad_logits`` also each chunk's
+    ``dL_t / dz_t`` written into it."""
     logits, valid, dtype = problem.logits, problem.shard.valid_size, problem.dtype
     lse = torch.zeros(logits.shape[0], dtype=dtype, device=logits.device)
-    stats = _ForwardStats(lse, torch.zeros_like(lse), lse.new_zeros(logits.shape[0], 2))
-    grad_kernel = _KERNELS[problem.kind][1]
-    for rows in problem.row_chunks():
+    also = lse.new_zeros(logits.shape[0], len(problem.also), 2)
+    stats = _ForwardStats(lse, torch.zeros_like(lse), lse.new_zeros(logits.shape[0], 2), also)
+    for rows, hidden_rows, weight in problem.row_chunks():
         z_student = logits[rows, :valid].to(dtype)
-        z_teacher = _teacher_logits(problem.hidden[rows], problem.weight_valid)
+        z_teacher = _teacher_logits(hidden_rows, weight)
         lse_s, lse_t = _global_lse_pair(z_student, z_teacher, problem.tp_group, dtype)
         lp_teacher = z_teacher.sub_(lse_t.unsqueeze(-1)).clamp_min_(_LOG_ZERO)  # in place: one buffer
-        part = _chunk_terms(problem, lp_teacher, z_student, lse_s)
-        stats.terms[rows], stats.lse_student[rows], stats.lse_teacher[rows] = part, lse_s, lse_t
-        if grad_logits is not None and valid:
-            aux = _aux(part, problem.kind)  # forward_kl's kernel does not read it (not yet TP-summed)
-            grad_logits[rows, :valid] = grad_kernel(lp_teacher, z_student, lse_s, aux, problem.beta)
+        if problem.also:
+            stats.also_terms[rows] = _also_terms(problem, lp_teacher, z_student, lse_s)
+        stats.terms[rows] = _chunk_terms_and_gradient(
+            problem, lp_teacher, z_student, lse_s, grad_logits, rows
+        )
+        stats.lse_student[rows], stats.lse_teacher[rows] = lse_s, lse_t
         del z_student, z_teacher, lp_teacher  # freed before the next chunk's matmul allocates
     if problem.kind not in _TP_SUMS_PER_CHUNK:
         stats.terms = _all_reduce_sum(stats.terms, problem.tp_group)
+    if problem.also:
+        stats.also_terms = _all_reduce_sum(stats.also_terms, problem.tp_group)
     return stats
+
+
+def _chunk_terms_and_gradient(problem: _Problem, lp_teacher, z_student, lse_s, grad_logits, rows):
+    """One chunk's divergence sums ``[C, 2]`` (``_chunk_terms``) and, with ``grad_logits``, its
+    ``dL_t / dz_t`` written there. The forward KL's gradient needs no TP sum, so one kernel makes both
+    from the same student log-probs (bit-identical to the two kernels, with a third fewer passes)."""
+    valid = problem.shard.valid_size
+    if grad_logits is not None and valid and problem.kind == "forward_kl":
+        part, grad_logits[rows, :valid] = _forward_kl_terms_and_grad(lp_teacher, z_student, lse_s)
+        return _stack_part(part)
+    part = _chunk_terms(problem, lp_teacher, z_student, lse_s)
+    if grad_logits is not None and valid:
+        grad_kernel = _KERNELS[problem.kind][1]
+        grad_logits[rows, :valid] = grad_kernel(
+            lp_teacher, z_student, lse_s, _aux(part, problem.kind), problem.beta
+        )
+    return part
 
 
 def _recomputed_gradient(problem: _Problem, lse_student, lse_teacher, aux, inplace: bool) -> torch.Tensor:
@@ -297,9 +367,9 @@ def _recomputed_gradient(problem: _Problem, lse_student, lse_teacher, aux, inpla
     logits, valid, dtype = problem.logits, problem.shard.valid_size, problem.dtype
     grad_logits = logits if inplace else torch.empty_like(logits)
     grad_kernel = _KERNELS[problem.kind][1]
-    for rows in problem.row_chunks() if valid else ():
+    for rows, hidden_rows, weight in problem.row_chunks() if valid else ():
         z_student = logits[rows, :valid].to(dtype)
-        lp_teacher = _teacher_log_probs(problem.hidden[rows], problem.weight_valid, lse_teacher[rows])
+        lp_teacher = _teacher_log_probs(hidden_rows, weight, lse_teacher[rows])
         grad = grad_kernel(lp_teacher, z_student, lse_student[rows], aux[rows], problem.beta)
         grad_logits[rows, :valid] = grad
         del z_student, lp_teacher, grad  # freed before the next chunk's matmul allocates
@@ -339,7 +409,7 @@ class _FullVocabDivergence(torch.autograd.Function):
         ctx,
         logits,
         hidden,
-        weight,
+        weights,
         selected,
         tp_group,
         vocab_size,
@@ -348,48 +418,69 @@ class _FullVocabDivergence(torch.autograd.Function):
         chunk_tokens,
         inplace_backward,
         write_gradient,
+        also,
+        teacher_index,
     ):
         shard = vocab_shard(logits.shape[-1], tp_group, vocab_size)
-        dtype = _compute_dtype(logits, hidden, weight)
-        problem = _problem(logits, hidden, weight, selected, shard, tp_group, kind, beta, chunk_tokens, dtype)
+        dtype = _compute_dtype(logits, hidden, *weights)
+        config = (selected, shard, tp_group, kind, beta, chunk_tokens, dtype)
+        problem = _problem(logits, hidden, weights, *config, also, teacher_index)
         grad_logits = torch.empty_like(logits) if write_gradient else None
         stats = _forward_pass(problem, grad_logits)
         if write_gradient:
             ctx.save_for_backward(grad_logits, selected)
         else:
             aux = _aux(stats.terms, kind)
-            ctx.save_for_backward(logits, hidden, weight, selected, stats.lse_student, stats.lse_teacher, aux)
+            saved = (logits, hidden, selected, stats.lse_student, stats.lse_teacher, aux, teacher_index)
+            ctx.save_for_backward(*saved, *weights)
         ctx.config = (shard, tp_group, kind, beta, chunk_tokens, dtype, inplace_backward, write_gradient)
-        ctx.mark_non_differentiable(stats.lse_teacher, stats.lse_student)
-        return _value(stats.terms, kind, beta), stats.lse_teacher, stats.lse_student
+        also_values = torch.stack(
+            [_value(stats.also_terms[:, i], other, beta) for i, other in enumerate(also)], -1
+        ) if also else stats.lse_teacher.new_zeros(logits.shape[0], 0)  # fmt: skip
+        ctx.mark_non_differentiable(stats.lse_teacher, stats.lse_student, also_values)
+        return _value(stats.terms, kind, beta), stats.lse_teacher, stats.lse_student, also_values
 
     @staticmethod
-    def backward(ctx, grad_value, grad_teacher_lse, grad_student_lse):
-        # Both log-sum-exps are non-differentiable outputs: their incoming gradients are zeros or None.
+    def backward(ctx, grad_value, grad_teacher_lse, grad_student_lse, grad_also):
+        # Both log-sum-exps and the ``also`` values are non-differentiable outputs: their incoming
+        # gradients are zeros or None.
         shard, tp_group, kind, beta, chunk_tokens, dtype, inplace_backward, write_gradient = ctx.config
         if write_gradient:
             grad_logits, selected = ctx.saved_tensors
         else:
-            logits, hidden, weight, selected, lse_student, lse_teacher, aux = ctx.saved_tensors
+            logits, hidden, selected, lse_student, lse_teacher, aux, teacher_index, *weights = (
+                ctx.saved_tensors
+            )
             config = (selected, shard, tp_group, kind, beta, chunk_tokens, dtype)
-            problem = _problem(logits, hidden, weight, *config)
+            problem = _problem(logits, hidden, tuple(weights), *config, (), teacher_index)
             grad_logits = _recomputed_gradient(problem, lse_student, lse_teacher, aux, inplace_backward)
         _scale_by_upstream(grad_logits, grad_value, selected, shard.valid_size)
-        return grad_logits, *(None,) * 10
+        return grad_logits, *(None,) * 12
 
 
-def _check_full_inputs(logits, teacher_hidden, teacher_weight, token_mask, chunk_tokens) -> None:
+def _check_full_inputs(logits, teacher_hidden, weights, token_mask, chunk_tokens, teacher_index) -> None:
     if teacher_hidden.dim() < 1 or teacher_hidden.shape[:-1] != logits.shape[:-1]:
         raise ValueError(
             f"teacher_hidden {tuple(teacher_hidden.shape)} must be [..., H_t] over the token dims of the "
             f"student logits {tuple(logits.shape)}"
         )
-    if teacher_weight.dim() != 2 or teacher_weight.shape != (logits.shape[-1], teacher_hidden.shape[-1]):
+    width = teacher_hidden.shape[-1]
+    for weight in weights:
+        exact = len(weights) == 1 and weight.dim() == 2 and weight.shape == (logits.shape[-1], width)
+        fits = len(weights) > 1 and weight.dim() == 2 and weight.shape[0] == logits.shape[-1]
+        if not (exact or (fits and weight.shape[1] <= width)):
+            raise ValueError(
+                f"teacher_weight {tuple(weight.shape)} must be this rank's vocabulary partition "
+                f"[V_local, H_t] = [{logits.shape[-1]}, {width if len(weights) == 1 else f'<= {width}'}]; "
+                "slice the teacher's output weight with teacher_output_weight_shard"
+            )
+    if len(weights) > 1 and (teacher_index is None or teacher_index.shape != logits.shape[:-1]):
         raise ValueError(
-            f"teacher_weight {tuple(teacher_weight.shape)} must be this rank's vocabulary partition "
-            f"[V_local, H_t] = [{logits.shape[-1]}, {teacher_hidden.shape[-1]}]; slice the teacher's output "
-            "weight with teacher_output_weight_shard"
+            f"{len(weights)} teacher weights need teacher_index, each token's teacher (an integer tensor "
+            f"over the token dims {tuple(logits.shape[:-1])})"
         )
+    if teacher_index is not None and (teacher_index.is_floating_point() or teacher_index.dtype == torch.bool):
+        raise ValueError(f"teacher_index must be an integer tensor; got {teacher_index.dtype}")
     if token_mask is not None and (token_mask.dtype != torch.bool or token_mask.shape != logits.shape[:-1]):
         raise ValueError(
             f"token_mask must be a bool tensor over the token dims {tuple(logits.shape[:-1])}; got "
@@ -402,7 +493,7 @@ def _check_full_inputs(logits, teacher_hidden, teacher_weight, token_mask, chunk
 def vocab_parallel_full_divergence_with_stats(
     logits: torch.Tensor,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_weight: torch.Tensor | tuple[torch.Tensor, ...],
     tp_group,
     vocab_size: int,
     kind: str = "forward_kl",
@@ -410,6 +501,8 @@ def vocab_parallel_full_divergence_with_stats(
     token_mask: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
     inplace_backward: bool = False,
+    also: tuple[str, ...] = (),
+    teacher_index: torch.Tensor | None = None,
 ) -> FullDivergence:
     """Exact full-vocabulary divergence per token and both models' log-sum-exps.
 
@@ -422,28 +515,50 @@ def vocab_parallel_full_divergence_with_stats(
     With a gradient, the forward keeps one buffer shaped like ``logits`` (its gradient) and the backward
     runs no teacher matmul; ``inplace_backward=True`` instead overwrites ``logits`` with its gradient
     during backward (as in ``vocab_parallel_token_stats``), which costs a second pass of the teacher's
-    matmul there. The teacher's hidden states and weight get no gradient.
+    matmul there. The teacher's hidden states and weight get no gradient. ``also``: further kinds
+    (``FullDivergence.also``, same ``beta``) computed in the same pass over the teacher's vocabulary
+    without a gradient, e.g. the forward KL that the ``bias/*`` metrics read beside a reverse-KL loss:
+    one teacher matmul pass instead of one per kind.
+
+    Several teachers (distinct output layers, the same vocabulary): ``teacher_weight`` is a sequence of
+    their partitions ``[V_local, H_i]`` and ``teacher_index [...]`` names each token's teacher (an index
+    into the sequence; any other value: no teacher, as if masked). ``teacher_hidden [..., H]`` holds each
+    token's teacher hidden states in its first ``H_i`` columns (``H`` the widest). Each chunk's tokens
+    share one teacher, so the pass still forms every teacher logit once, and one gradient buffer serves
+    them all.
     """
     _check_divergence(kind, beta)
-    _check_full_inputs(logits, teacher_hidden, teacher_weight, token_mask, chunk_tokens)
+    kind_also_requested = kind in also
+    also = tuple(dict.fromkeys(other for other in also if other != kind))
+    for other in also:
+        _check_divergence(other, beta)
+    weights = (teacher_weight,) if isinstance(teacher_weight, torch.Tensor) else tuple(teacher_weight)
+    _check_full_inputs(logits, teacher_hidden, weights, token_mask, chunk_tokens, teacher_index)
     flat = _flatten(logits)
     hidden = teacher_hidden.reshape(flat.shape[0], teacher_hidden.shape[-1]).detach()
+    if teacher_index is not None:
+        teacher_index = teacher_index.reshape(-1).to(torch.int64)
+        has_teacher = (teacher_index >= 0) & (teacher_index < len(weights))
+        token_mask = has_teacher.reshape(logits.shape[:-1]) & (True if token_mask is None else token_mask)
     selected = None if token_mask is None else token_mask.reshape(-1).nonzero().squeeze(-1)
     # Decided here: inside the Function's forward grad mode is always off, and ``needs_input_grad`` is
     # set under ``torch.no_grad()`` too, where no backward will ever run.
     write_gradient = torch.is_grad_enabled() and logits.requires_grad and not inplace_backward
-    value, teacher_lse, student_lse = _FullVocabDivergence.apply(
-        flat, hidden, teacher_weight.detach(), selected, tp_group, vocab_size, kind, beta, chunk_tokens,
-        inplace_backward, write_gradient,
+    value, teacher_lse, student_lse, also_values = _FullVocabDivergence.apply(
+        flat, hidden, tuple(weight.detach() for weight in weights), selected, tp_group, vocab_size, kind,
+        beta, chunk_tokens, inplace_backward, write_gradient, also, teacher_index,
     )  # fmt: skip
     lead = logits.shape[:-1]
-    return FullDivergence(value.reshape(lead), teacher_lse.reshape(lead), student_lse.reshape(lead))
+    others = {other: also_values[:, i].reshape(lead) for i, other in enumerate(also)}
+    if kind_also_requested:  # computed once, as the main value
+        others[kind] = value.detach().reshape(lead)
+    return FullDivergence(value.reshape(lead), teacher_lse.reshape(lead), student_lse.reshape(lead), others)
 
 
 def vocab_parallel_full_divergence(
     logits: torch.Tensor,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_weight: torch.Tensor | tuple[torch.Tensor, ...],
     tp_group,
     vocab_size: int,
     kind: str = "forward_kl",
@@ -451,12 +566,13 @@ def vocab_parallel_full_divergence(
     token_mask: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
     inplace_backward: bool = False,
+    teacher_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact full-vocabulary divergence per token ``[...]`` (fp32; fp64 for fp64 inputs), differentiable
     w.r.t. the student ``logits``; arguments as ``vocab_parallel_full_divergence_with_stats``."""
     return vocab_parallel_full_divergence_with_stats(
         logits, teacher_hidden, teacher_weight, tp_group, vocab_size, kind, beta, token_mask, chunk_tokens,
-        inplace_backward,
+        inplace_backward, teacher_index=teacher_index,
     ).value  # fmt: skip
 
 
